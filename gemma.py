@@ -690,12 +690,14 @@ def add_flags(parser, cls, skip=()):
 def train_configs(args):
     """The settings of a run, each overriding the one before: the preset's, the checkpoint's when resuming, the flags."""
     model_flags = {f.name: args.pop(f.name) for f in fields(GemmaConfig) if f.name in args}
+    if args.get("preset", "270m") not in PRESETS:
+        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {args['preset']}")
     ckpt = load_checkpoint(args.get("out_dir", "out")) if args.get("resume") else None
-    if ckpt is not None and "preset" not in args:
+    if ckpt is not None:
         model_config, c = GemmaConfig(**ckpt["model_config"]), TrainConfig(**ckpt["train_config"])
+        if args.get("preset", c.preset) != c.preset:  # another preset: another architecture, refused in train()
+            model_config = PRESETS[args["preset"]][0]
     else:
-        if args.get("preset", "270m") not in PRESETS:
-            raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {args['preset']}")
         model_config, defaults = PRESETS[args.get("preset", "270m")]
         c = replace(TrainConfig(), **defaults)
     c = replace(c, **args)
@@ -705,13 +707,14 @@ def train_configs(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Gemma 3 270M from scratch on TinyStories.")
+    parser = argparse.ArgumentParser(description="Gemma 3 270M from scratch on TinyStories.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train", argument_default=argparse.SUPPRESS, help="train a model")
+    train_parser = commands.add_parser("train", argument_default=argparse.SUPPRESS, allow_abbrev=False, help="train a model")
     add_flags(train_parser, TrainConfig)
     add_flags(train_parser.add_argument_group("model (the preset's unless given; 270m's shown)"), GemmaConfig,
               skip=("layer_types", "max_position_embeddings"))
-    sample_parser = commands.add_parser("sample", argument_default=argparse.SUPPRESS, help="generate stories")
+    sample_parser = commands.add_parser("sample", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                                        help="generate stories")
     sample_parser.add_argument("prompt", nargs="?", help="the story's beginning (default: Once upon a time)")
     add_flags(sample_parser, SampleConfig, skip=("prompt",))
     args = vars(parser.parse_args(argv))

@@ -321,3 +321,178 @@ def test_help_lists_every_option_with_its_default_and_an_unknown_flag_is_an_erro
     assert "(default: 1024)" in result.stdout
     result = run("gemma.py", "train", "--no_such_flag", "3", check=False)
     assert result.returncode != 0 and "unrecognized arguments: --no_such_flag" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Training that survives: resume, crashes, bad input, several processes
+
+TINY_FLAGS = FAST + ["--hidden_size", "64", "--intermediate_size", "128", "--head_dim", "16", "--sliding_window", "16"]
+
+
+def train_cli(data_dir, out, *flags, check=True, env=None):
+    return subprocess.run([sys.executable, "gemma.py", "train", *TINY_FLAGS, "--data_dir", str(data_dir),
+                           "--out_dir", str(out), *flags], cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env=env, check=False) if not check else run("gemma.py", "train", *TINY_FLAGS,
+                                                                       "--data_dir", str(data_dir), "--out_dir", str(out), *flags)
+
+
+def losses(out):
+    """step -> train loss, and step -> validation loss, as logged in metrics.jsonl."""
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return ({r["step"]: r["train_loss"] for r in rows if "train_loss" in r},
+            {r["step"]: r["val_loss"] for r in rows if "val_loss" in r})
+
+
+def start_training(data_dir, out, *flags):
+    return subprocess.Popen([sys.executable, "gemma.py", "train", *TINY_FLAGS, "--data_dir", str(data_dir),
+                             "--out_dir", str(out), *flags], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_step(out, step, proc, timeout=120):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and any(
+                json.loads(line)["step"] >= step for line in open(out / "metrics.jsonl") if line.strip()):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def test_a_run_interrupted_with_ctrl_c_and_resumed_gives_bit_identical_losses(data_dir, tmp_path):
+    import signal
+    steps = ["--max_steps", "10", "--eval_interval", "4"]
+    train_cli(data_dir, tmp_path / "whole", *steps)
+    proc = start_training(data_dir, tmp_path / "split", *steps)
+    wait_for_step(tmp_path / "split", 3, proc)
+    proc.send_signal(signal.SIGINT)  # finishes the step under way, saves, exits
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: saved step" in err
+    stopped_at = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 10
+    train_cli(data_dir, tmp_path / "split", "--resume")  # the flags come back from the checkpoint
+    whole_train, whole_val = losses(tmp_path / "whole")
+    split_train, split_val = losses(tmp_path / "split")
+    assert split_train == whole_train and split_val == whole_val  # every step, bit for bit
+    assert sorted(split_train) == list(range(1, 11))
+
+
+def test_resume_may_change_the_step_count_but_refuses_another_architecture_naming_the_fields(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train_cli(data_dir, out, "--max_steps", "2", "--eval_interval", "2")
+    before = (out / "ckpt.pt").read_bytes()
+    result = train_cli(data_dir, out, "--resume", "--hidden_size", "96", "--num_hidden_layers", "3", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "hidden_size" in result.stderr and "num_hidden_layers" in result.stderr and "layer_types" in result.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+    result = train_cli(data_dir, out, "--resume", "--max_steps", "4")
+    assert "resuming at step 2" in result.stdout and "step 4/4" in result.stdout
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values(data_dir, tmp_path):
+    train_cli(data_dir, tmp_path, "--max_steps", "1", "--optimizer", "muon", "--dtype", "float16")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # refuses anything else
+    assert set(ckpt) == {"model", "optimizers", "scaler", "model_config", "train_config", "step", "best_val_loss", "rng"}
+    assert len(ckpt["optimizers"]) == 2 and ckpt["scaler"]["scale"] > 0 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+def test_killing_training_at_random_moments_always_leaves_a_checkpoint_that_loads_and_resumes(data_dir, tmp_path):
+    import random, signal, time
+    rng, out = random.Random(0), tmp_path / "out"
+    flags = ["--max_steps", "400", "--eval_interval", "1", "--eval_windows", "1"]  # a save every step
+    proc = start_training(data_dir, out, *flags)
+    wait_for_step(out, 1, proc)
+    for kill in range(6):
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        step = torch.load(out / "ckpt.pt", weights_only=True)["step"]  # whole, whatever the kill interrupted
+        proc = start_training(data_dir, out, *flags, "--resume")
+        wait_for_step(out, step + 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_loss_that_stops_being_finite_in_float32_stops_training_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train_cli(data_dir, out, "--max_steps", "1", "--eval_interval", "1")
+    result = train_cli(data_dir, out, "--resume", "--max_steps", "30", "--lr", "1e12", "--grad_clip", "0",
+                       "--warmup_steps", "0", check=False)
+    assert result.returncode == 1 and "the loss became" in result.stderr and "Traceback" not in result.stderr
+    last = torch.load(out / "ckpt.pt", weights_only=True)  # the last checkpoint written before the loss broke
+    assert all(t.isfinite().all() for t in last["model"].values())
+
+
+def write_tokens(path, tokens):
+    np.asarray(tokens, dtype=np.uint16).tofile(path)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing_train", "no "), ("odd_size", "odd number of bytes"), ("too_short", "fewer than one block"),
+    ("beyond_vocab", "beyond the vocabulary"), ("block_zero", "--block_size must be positive"),
+    ("batch_not_dividing", "is not a multiple"), ("unknown_preset", "--preset must be one of"),
+    ("resume_truncated", "damaged or truncated"), ("resume_nothing", "no checkpoint")])
+def test_bad_training_input_ends_in_one_clear_line_and_a_nonzero_exit(case, expected, data_dir, tmp_path):
+    d, out = tmp_path / "data", tmp_path / "out"
+    d.mkdir()
+    out.mkdir()
+    for split in ("train", "validation"):
+        (d / f"{split}.bin").write_bytes((data_dir / f"{split}.bin").read_bytes())
+    flags = []
+    if case == "missing_train":
+        (d / "train.bin").unlink()
+    elif case == "odd_size":
+        (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-1])
+    elif case == "too_short":
+        write_tokens(d / "validation.bin", range(10))
+    elif case == "beyond_vocab":
+        write_tokens(d / "train.bin", [1, 2, 60000] * 100)
+    elif case == "block_zero":
+        flags = ["--block_size", "0"]
+    elif case == "batch_not_dividing":
+        flags = ["--total_batch_size", "1000"]
+    elif case == "unknown_preset":
+        flags = ["--preset", "huge"]
+    elif case == "resume_truncated":
+        train_cli(d, out, "--max_steps", "1")
+        data = (out / "ckpt.pt").read_bytes()
+        (out / "ckpt.pt").write_bytes(data[:len(data) // 2])
+        flags = ["--resume"]
+    elif case == "resume_nothing":
+        flags = ["--resume"]
+    files = {p: p.read_bytes() for p in list(d.iterdir()) + list(out.iterdir())}
+    result = train_cli(d, out, *flags, check=False)
+    assert result.returncode == 1 and result.stderr.startswith("gemma.py: error:") and expected in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in list(d.iterdir()) + list(out.iterdir())} == files  # nothing overwritten
+
+
+def test_bad_sampling_input_ends_in_one_clear_line_and_a_long_prompt_is_cropped_with_a_notice(data_dir, tmp_path):
+    result = run("gemma.py", "sample", "--out_dir", str(tmp_path / "nothing"), check=False)
+    assert result.returncode == 1 and "no checkpoint" in result.stderr and result.stderr.count("\n") == 1
+    out = tmp_path / "out"
+    train_cli(data_dir, out, "--max_steps", "1")
+    result = run("gemma.py", "sample", "--out_dir", str(out), "--temperature", "-1", check=False)
+    assert result.returncode == 1 and "--temperature" in result.stderr and result.stderr.count("\n") == 1
+    result = run("gemma.py", "sample", "--out_dir", str(out), "--max_new_tokens", "64", check=False)
+    assert result.returncode == 1 and "context of 64" in result.stderr
+    long_prompt = "Once upon a time " * 40  # 160 tokens, the context is 64
+    result = run("gemma.py", "sample", "--out_dir", str(out), "--max_new_tokens", "10", long_prompt)
+    assert "keeping its last 54" in result.stderr and result.stdout.count("-" * 40) == 1
+
+
+def test_two_processes_give_the_losses_of_one_process_with_twice_the_accumulation(data_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["--max_steps", "3", "--eval_interval", "3", "--total_batch_size", "512", "--batch_size", "4"]
+    one = train_cli(data_dir, tmp_path / "one", *flags, check=False, env=env)  # 2 micro-steps of 4 x 64
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "gemma.py", "train", *TINY_FLAGS, "--data_dir", str(data_dir), "--out_dir",
+                          str(tmp_path / "two"), *flags], cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr
+    assert "2 process(es) x 1 micro-steps" in two.stdout and two.stdout.count("step 3/3") == 1  # rank 0 alone logs
+    (train1, val1), (train2, val2) = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert train1.keys() == train2.keys() == {1, 2, 3}
+    assert all(abs(train1[s] - train2[s]) < 1e-5 for s in train1) and abs(val1[3] - val2[3]) < 1e-5
