@@ -496,3 +496,17 @@ def test_two_processes_give_the_losses_of_one_process_with_twice_the_accumulatio
     (train1, val1), (train2, val2) = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert train1.keys() == train2.keys() == {1, 2, 3}
     assert all(abs(train1[s] - train2[s]) < 1e-5 for s in train1) and abs(val1[3] - val2[3]) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# Learning you can see
+
+
+def test_training_logs_metrics_that_plot_draws_as_a_png(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cli(data_dir, out, "--max_steps", "4", "--eval_interval", "2")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert {"step", "tokens", "train_loss", "lr", "tokens_per_s"} <= set(rows[1])
+    assert {"step", "tokens", "val_loss", "val_perplexity"} <= set(rows[0])
+    result = run("plot.py", str(out), "-o", str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "final validation loss" in result.stdout
