@@ -709,7 +709,8 @@ def train_configs(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Gemma 3 270M from scratch on TinyStories.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train", argument_default=argparse.SUPPRESS, allow_abbrev=False, help="train a model")
+    train_parser = commands.add_parser("train", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                                       help="train a model")
     add_flags(train_parser, TrainConfig)
     add_flags(train_parser.add_argument_group("model (the preset's unless given; 270m's shown)"), GemmaConfig,
               skip=("layer_types", "max_position_embeddings"))
@@ -717,6 +718,9 @@ def main(argv=None):
                                         help="generate stories")
     sample_parser.add_argument("prompt", nargs="?", help="the story's beginning (default: Once upon a time)")
     add_flags(sample_parser, SampleConfig, skip=("prompt",))
+    export_parser = commands.add_parser("export", allow_abbrev=False, help="write a checkpoint as a Hugging Face model")
+    export_parser.add_argument("--out_dir", default="out", help="where the checkpoint is (default: out)")
+    export_parser.add_argument("--hf_dir", default="hf", help="the Hugging Face model directory to write (default: hf)")
     args = vars(parser.parse_args(argv))
     try:
         command = args.pop("command")
@@ -724,6 +728,9 @@ def main(argv=None):
             train(*train_configs(args))
         elif command == "sample":
             sample(replace(SampleConfig(), **args))
+        elif command == "export":  # see hf.py
+            from hf import export_checkpoint
+            export_checkpoint(args["out_dir"], args["hf_dir"])
     except UserError as e:
         print(f"gemma.py: error: {e}", file=sys.stderr)
         sys.exit(1)
