@@ -15,7 +15,6 @@ and the command line. The reference for every number is Hugging Face's Gemma 3 (
 test_gemma.py checks this model against it weight for weight.
 """
 import argparse, codecs, inspect, json, math, os, re, signal, sys, time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
@@ -137,7 +136,7 @@ def blocked_sliding_attention(q, k, v, window, scale):
 def attention(q, k, v, window, scale):
     """softmax(q k^T * scale) v over the keys each query may see. q: (B, heads, T, D); k, v: (B, kv_heads, S, D).
     Picks the cheapest exact kernel: causal with no mask tensor where the window cannot bite, else a block-sparse one."""
-    T, S = q.size(2), k.size(2)
+    T = q.size(2)
     if T == 1:  # one new token against a key/value cache that holds exactly what it may see
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
     if window is None or T <= window:
@@ -647,7 +646,10 @@ def sample(c):
     dtype = pick_dtype(c.dtype, device)
     if c.init_from:  # a Hugging Face checkpoint directory, with its own tokenizer where it has one
         from hf import load_pretrained, load_tokenizer
-        model, tokenizer = load_pretrained(c.init_from), load_tokenizer(c.init_from)
+        try:
+            model, tokenizer = load_pretrained(c.init_from), load_tokenizer(c.init_from)
+        except (OSError, ValueError) as e:  # no such directory, no config.json, a model this file does not implement
+            raise UserError(f"--init_from {c.init_from}: {e}") from None
     else:
         from prepare import gpt2_tokenizer
         model, tokenizer = model_from_checkpoint(load_checkpoint(c.out_dir)), gpt2_tokenizer()
@@ -737,4 +739,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules["gemma"] = sys.modules["__main__"]  # so that hf.py's `import gemma` finds this module, not a copy
     main()

@@ -7,14 +7,23 @@ test_gemma.py: the specification of gemma.py, as tests. CPU only, no network, se
 Each test's name states the property it checks, on a tiny configuration unless the property is about the real one.
 """
 import json, math, os, subprocess, sys
+from dataclasses import asdict
+
+os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"  # before transformers loads: never the network
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
+import hf
 from gemma import (Gemma, GemmaConfig, KVCache, TrainConfig, attention, blocked_sliding_attention, make_optimizers,
-                   optimizer_step)
+                   optimizer_step, save_checkpoint)
+from prepare import gpt2_tokenizer, tokenize_stories
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -510,3 +519,445 @@ def test_training_logs_metrics_that_plot_draws_as_a_png(data_dir, tmp_path):
     assert {"step", "tokens", "val_loss", "val_perplexity"} <= set(rows[0])
     result = run("plot.py", str(out), "-o", str(tmp_path / "loss.png"))
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "final validation loss" in result.stdout
+
+# -----------------------------------------------------------------------------
+# Data preparation: prepare.py
+
+EOT = 50256
+TRAIN_STORIES = [
+    "Once upon a time, there was a little cat named Tom.\n\nTom liked to nap in the sun.",
+    'Lily said, "Look! A café, très jolie 🌸" and smiled. 猫 ☀',  # unicode
+    "",  # an empty story is skipped
+    "This story mentions <|endoftext|> but it is plain text, not the special token.",
+    "  Spaces around a story are kept.  ",
+    "Line one.\nLine two ends with a newline.\n",
+]
+VALIDATION_STORIES = ["The dog ran to the park.", "Mom baked a big cake.\n\nThe end."]
+
+
+def expected_tokens(stories):
+    """Each non-empty story encoded as ordinary text, with the end-of-text id between stories."""
+    enc = gpt2_tokenizer()
+    tokens = []
+    for story in (s for s in stories if s):
+        tokens += ([EOT] if tokens else []) + enc.encode_ordinary(story)
+    return np.array(tokens, dtype=np.uint16)
+
+
+def write_file(path, content):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def write_jsonl(path, stories):
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories), encoding="utf-8")
+    return path
+
+
+def write_txt(path, stories):
+    path.write_text("\n<|endoftext|>\n".join(stories) + "\n", encoding="utf-8")
+    return path
+
+
+def write_parquet(path, stories, column="text"):
+    pyarrow.parquet.write_table(pyarrow.table({"id": list(range(len(stories))), column: stories}), path)
+    return path
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, "prepare.py", *map(str, args)], cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+
+
+def prepare_ok(tmp_path, train_file, data_dir):
+    validation_file = write_jsonl(tmp_path / "validation.jsonl", VALIDATION_STORIES)
+    result = run_prepare("--train_files", train_file, "--validation_files", validation_file,
+                         "--data_dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    return data_dir
+
+
+def test_bin_files_hold_each_story_as_ordinary_tokens_with_end_of_text_between(tmp_path):
+    data_dir = prepare_ok(tmp_path, write_jsonl(tmp_path / "train.jsonl", TRAIN_STORIES), tmp_path / "data")
+    train = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
+    validation = np.fromfile(data_dir / "validation.bin", dtype=np.uint16)
+    np.testing.assert_array_equal(train, expected_tokens(TRAIN_STORIES))
+    np.testing.assert_array_equal(validation, expected_tokens(VALIDATION_STORIES))
+    # Decoded, the file is the stories joined by <|endoftext|>: nothing added, nothing lost.
+    assert gpt2_tokenizer().decode(train.tolist()) == "<|endoftext|>".join(s for s in TRAIN_STORIES if s)
+    assert (train == EOT).sum() == 4  # 5 non-empty stories; the literal "<|endoftext|>" is not EOT
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": EOT, "dtype": "uint16",
+                    "train": {"tokens": len(train), "stories": 5},
+                    "validation": {"tokens": len(validation), "stories": 2}}
+
+
+def test_txt_and_parquet_files_give_the_same_train_bin_as_jsonl(tmp_path):
+    writers = {"jsonl": write_jsonl, "txt": write_txt, "parquet": write_parquet}
+    train_bins = {}
+    for extension, write in writers.items():
+        train_file = write(tmp_path / f"train.{extension}", TRAIN_STORIES)
+        data_dir = prepare_ok(tmp_path, train_file, tmp_path / extension)
+        train_bins[extension] = (data_dir / "train.bin").read_bytes()
+    assert train_bins["txt"] == train_bins["jsonl"] == train_bins["parquet"]
+    assert train_bins["jsonl"] == expected_tokens(TRAIN_STORIES).tobytes()
+
+
+def test_several_files_are_one_stream_of_stories(tmp_path):
+    first = write_jsonl(tmp_path / "part1.jsonl", TRAIN_STORIES[:3])
+    second = write_txt(tmp_path / "part2.txt", TRAIN_STORIES[3:])
+    validation = write_jsonl(tmp_path / "validation.jsonl", VALIDATION_STORIES)
+    result = run_prepare("--train_files", first, second, "--validation_files", validation,
+                         "--data_dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    train = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    np.testing.assert_array_equal(train, expected_tokens(TRAIN_STORIES))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 1000])
+def test_tokenize_stories_output_does_not_depend_on_batch_size(tmp_path, batch_size):
+    out_path = tmp_path / "out.bin"
+    n_tokens, n_stories = tokenize_stories(iter(TRAIN_STORIES), out_path, gpt2_tokenizer(),
+                                           num_threads=2, batch_size=batch_size)
+    np.testing.assert_array_equal(np.fromfile(out_path, dtype=np.uint16), expected_tokens(TRAIN_STORIES))
+    assert (n_tokens, n_stories) == (len(expected_tokens(TRAIN_STORIES)), 5)
+
+
+def test_gpt2_tokenizer_has_gpt2_ids():
+    enc = gpt2_tokenizer()
+    assert (enc.n_vocab, enc.eot_token) == (50257, EOT)
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode_ordinary(" Once upon a time") == [4874, 2402, 257, 640]
+    assert enc.encode_ordinary("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT]
+    assert gpt2_tokenizer() is enc  # built once, then cached
+
+
+def test_importing_prepare_is_cheap_and_loads_no_dataset_library():
+    code = "import sys, prepare; print('datasets' in sys.modules, 'pyarrow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+def test_success_leaves_no_tmp_file_and_replaces_the_old_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.bin").write_bytes(b"old")
+    data_dir = prepare_ok(tmp_path, write_jsonl(tmp_path / "train.jsonl", TRAIN_STORIES), tmp_path / "data")
+    assert sorted(os.listdir(data_dir)) == ["meta.json", "train.bin", "validation.bin"]
+    assert (data_dir / "train.bin").read_bytes() == expected_tokens(TRAIN_STORIES).tobytes()
+
+
+BAD_TRAIN_FILES = {
+    "missing file": lambda tmp_path: tmp_path / "no_such_file.jsonl",
+    "empty file": lambda tmp_path: write_jsonl(tmp_path / "empty.jsonl", []),
+    "only empty stories": lambda tmp_path: write_txt(tmp_path / "blank.txt", ["", ""]),
+    "objects without text": lambda tmp_path: write_file(tmp_path / "bad.jsonl", '{"story": "Once"}\n'),
+    "parquet without a text column": lambda tmp_path: write_parquet(tmp_path / "x.parquet", ["Once"], "story"),
+    "not JSON": lambda tmp_path: write_file(tmp_path / "bad.jsonl", "Once upon a time\n"),
+    "not UTF-8": lambda tmp_path: write_file(tmp_path / "bad.txt", b"Once upon a time \xff\n"),
+    "unknown extension": lambda tmp_path: write_file(tmp_path / "stories.csv", "Once upon a time\n"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_FILES)
+def test_bad_input_is_one_error_line_and_leaves_existing_files_untouched(tmp_path, case):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "train.bin").write_bytes(b"a good train.bin from an earlier run")
+    validation_file = write_jsonl(tmp_path / "validation.jsonl", VALIDATION_STORIES)
+    result = run_prepare("--train_files", BAD_TRAIN_FILES[case](tmp_path),
+                         "--validation_files", validation_file, "--data_dir", data_dir)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("prepare.py: error: "), result.stderr
+    assert result.stderr.splitlines()[-1] == error_lines[0]
+    # Nothing written, nothing half-written: the validation split, already done, was thrown away too.
+    assert os.listdir(data_dir) == ["train.bin"]
+    assert (data_dir / "train.bin").read_bytes() == b"a good train.bin from an earlier run"
+
+
+def test_without_hub_or_local_files_one_line_says_to_pass_local_files(tmp_path):
+    # Offline mode: fail at once instead of retrying. An empty cache: no earlier download to fall back on.
+    cache = str(tmp_path / "hf")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": cache,
+           "HF_DATASETS_CACHE": cache, "HF_HUB_CACHE": cache}
+    result = subprocess.run([sys.executable, "prepare.py", "--data_dir", tmp_path / "data"], cwd=HERE,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert last_line.startswith("prepare.py: error: could not load roneneldan/TinyStories")
+    assert "--train_files" in last_line and "--validation_files" in last_line
+    assert not list(tmp_path.glob("data/*"))
+
+
+@pytest.mark.parametrize("flag", ["--bogus", "--train_file"])  # not even a prefix of --train_files
+def test_unknown_flag_is_an_error(flag):
+    result = run_prepare(flag, "x.jsonl")
+    assert result.returncode != 0 and "unrecognized arguments" in result.stderr
+
+# -----------------------------------------------------------------------------
+# Exactness: parity with transformers' Gemma 3, import and export (hf.py)
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+# Two shapes, so that a parity which holds for one only cannot pass: 4 query heads on 1 key/value head with window 4,
+# and 6 query heads on 2 with window 3 over a length that is no multiple of it. Both are longer than the window, and
+# scale scores by a query_pre_attn_scalar other than head_dim.
+CASES = {
+    "mqa_window4": (dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=8, sliding_window=4, layer_types=(SLIDING, SLIDING, FULL, SLIDING),
+                         query_pre_attn_scalar=32, rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=64),
+                    (2, 24)),  # batch, length
+    "gqa_window3": (dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2, head_dim=12, sliding_window=3, layer_types=(FULL, SLIDING, SLIDING),
+                         query_pre_attn_scalar=20, rope_theta=5e5, rope_local_base_freq=1e3, max_position_embeddings=64),
+                    (3, 19)),
+}
+
+
+def random_transformers_model(settings, seed=0, **overrides):
+    """A transformers Gemma 3 with random weights, norms included (they start at zero), float32, eval mode."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(**{**settings, "layer_types": list(settings["layer_types"]), **overrides},
+                              pad_token_id=None, attn_implementation="eager")
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def gemma_with_weights_of(hf_model, settings):
+    model = Gemma(GemmaConfig(**settings))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf_model.state_dict().items()
+                           if k != "lm_head.weight"})  # strict: every other key is the same module's
+    return model.eval()
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# Parity: the same weights give the same numbers
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_loss_and_every_gradient_equal_transformers_gemma3(case):
+    settings, (B, T) = CASES[case]
+    theirs = random_transformers_model(settings)
+    ours = gemma_with_weights_of(theirs, settings)
+    idx = torch.randint(0, settings["vocab_size"], (B, T))
+    out = theirs(idx, labels=idx)  # transformers shifts the labels itself
+    logits, loss = ours(idx, F.pad(idx[:, 1:], (0, 1), value=-100))  # gemma.py takes them shifted; the last has none
+    assert max_diff(logits, out.logits) < 1e-5
+    assert abs(loss.item() - out.loss.item()) < 1e-6
+    out.loss.backward()
+    loss.backward()
+    hf_params = dict(theirs.named_parameters())  # the tied lm_head is the embedding: one gradient, both uses
+    for name, p in ours.named_parameters():
+        g = hf_params["model." + name].grad
+        assert max_diff(p.grad, g) <= 1e-5 * g.abs().max().item() + 1e-12, name
+
+
+@pytest.mark.parametrize("mistake", [dict(sliding_window=5), dict(sliding_window=3),
+                                     dict(rope_theta=1e4, rope_local_base_freq=1e6)],
+                         ids=["window_one_wider", "window_one_narrower", "rope_bases_swapped"])
+def test_parity_check_catches_a_window_off_by_one_and_swapped_rope_bases(mistake):
+    settings, (B, T) = CASES["mqa_window4"]
+    theirs = random_transformers_model(settings)
+    ours = gemma_with_weights_of(theirs, {**settings, **mistake})
+    idx = torch.randint(0, settings["vocab_size"], (B, T))
+    assert max_diff(ours(idx)[0], theirs(idx).logits) > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# Configurations
+
+GEMMA_3_270M = {  # google/gemma-3-270m's config.json, as on the hub (written by transformers 4.55)
+    "_sliding_window_pattern": 6, "architectures": ["Gemma3ForCausalLM"], "attention_bias": False,
+    "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2, "eos_token_id": 1,
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640,
+    "initializer_range": 0.02, "intermediate_size": 2048, "layer_types": list(GemmaConfig().layer_types),
+    "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 18,
+    "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000.0, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": 512,
+    "torch_dtype": "bfloat16", "transformers_version": "4.55.0.dev0", "use_bidirectional_attention": False,
+    "use_cache": True, "vocab_size": 262144}
+
+
+def test_gemma_3_270m_config_json_reads_as_the_default_config_with_gemma_vocab_in_every_spelling():
+    expected = GemmaConfig(vocab_size=262144)
+    assert hf.gemma_config(GEMMA_3_270M) == expected
+    no_list = {k: v for k, v in GEMMA_3_270M.items() if k != "layer_types"}  # the types from _sliding_window_pattern
+    assert hf.gemma_config(no_list) == expected
+    v5 = {**no_list, "rope_parameters": Gemma3TextConfig(**GEMMA_3_270M).rope_parameters}  # transformers 5's spelling
+    del v5["rope_theta"], v5["rope_local_base_freq"]
+    assert hf.gemma_config(v5) == expected
+    multimodal = {"model_type": "gemma3", "text_config": GEMMA_3_270M}
+    assert hf.gemma_config(multimodal) == expected
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_config_gives_transformers_the_same_architecture_and_reads_back_unchanged(case):
+    config = GemmaConfig(**CASES[case][0])
+    assert hf.gemma_config(hf.hf_config(config)) == config
+    theirs = Gemma3TextConfig.from_dict(json.loads(json.dumps(hf.hf_config(config))))  # as from_pretrained reads it
+    assert theirs.rope_parameters["full_attention"]["rope_theta"] == config.rope_theta
+    assert theirs.rope_parameters["sliding_attention"]["rope_theta"] == config.rope_local_base_freq
+    assert tuple(theirs.layer_types) == config.layer_types and theirs.sliding_window == config.sliding_window
+    assert hf.gemma_config(theirs.to_dict()) == config
+    assert hf.gemma_config(hf.hf_config(GemmaConfig())) == GemmaConfig()  # 270m's, with its 256.0 scalar
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 8.0}), "rope scaling on the full layers"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     "rope scaling on the sliding layers"),
+    (dict(model_type="gemma2"), "model_type"),
+    (dict(tie_word_embeddings=False), "lm_head"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_gemma_config_refuses_what_gemma_py_does_not_implement(change, message):
+    with pytest.raises(ValueError, match=message):
+        hf.gemma_config({**GEMMA_3_270M, **change})
+
+
+# -----------------------------------------------------------------------------
+# Import: a Hugging Face checkpoint directory as a Gemma
+
+
+def logits_of_transformers_reload(path, idx):
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return theirs(idx).logits
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["one_file", "sharded"])
+def test_a_bfloat16_transformers_checkpoint_loads_as_a_float32_gemma_with_the_same_logits(tmp_path, shards):
+    settings, (B, T) = CASES["mqa_window4"]
+    random_transformers_model(settings).to(torch.bfloat16).save_pretrained(  # as google/gemma-3-270m is stored
+        tmp_path, safe_serialization=True, **dict(max_shard_size="40KB") if shards else {})
+    files = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert (len(files) > 1) == shards
+    stored = {k: v for f in files for k, v in load_file(tmp_path / f).items()}
+    assert not any("lm_head" in k for k in stored) and stored["model.norm.weight"].dtype == torch.bfloat16
+    ours = Gemma.from_pretrained(str(tmp_path))
+    assert not ours.training and all(p.dtype == torch.float32 for p in ours.parameters())
+    idx = torch.randint(0, settings["vocab_size"], (B, T))
+    with torch.no_grad():
+        assert max_diff(ours(idx)[0], logits_of_transformers_reload(tmp_path, idx)) < 1e-5
+
+
+def test_a_multimodal_checkpoint_loads_its_language_model_and_leaves_the_vision_tower(tmp_path):
+    settings, (B, T) = CASES["gqa_window3"]
+    theirs = random_transformers_model(settings)
+    tensors = {"model.language_model." + k.removeprefix("model."): v for k, v in theirs.state_dict().items()
+               if k != "lm_head.weight"}
+    save_file({**tensors, "model.vision_tower.patch.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "gemma3", "text_config": hf.hf_config(GemmaConfig(**settings))}, f)
+    idx = torch.randint(0, settings["vocab_size"], (B, T))
+    with torch.no_grad():
+        assert max_diff(hf.load_pretrained(str(tmp_path))(idx)[0], theirs(idx).logits) < 1e-5
+
+
+def test_load_pretrained_names_missing_and_unexpected_weights(tmp_path):
+    settings = CASES["mqa_window4"][0]
+    random_transformers_model(settings).save_pretrained(tmp_path, safe_serialization=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.9.mlp.up_proj.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.up_proj.weight'\], unexpected \['layers.9"):
+        hf.load_pretrained(str(tmp_path))
+
+
+def tiny_gemma_tokenizer():
+    """A tokenizer built as Gemma's is (BPE over text whose spaces are "▁", byte fallback, <bos> in front), over 103
+    pieces: letters, a few words, and the two bytes of "é"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    merges = {}
+    for word in ["Once", "upon", "a", "time", "there", "was", "little", "girl", "named", "Lily"]:
+        for i in range(len(word)):
+            merges["▁" + word[:i], word[i]] = None
+    letters = sorted(set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,!?'"))
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "<0xC3>", "<0xA9>", "▁", *letters, *dict.fromkeys(a + b for a, b in merges)]
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, list(merges), unk_token="<unk>",
+                                     byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tokenizer.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    return tokenizer
+
+
+def test_sample_with_init_from_a_checkpoint_and_its_tokenizer_continues_as_transformers_generate(tmp_path):
+    tokenizer = tiny_gemma_tokenizer()
+    settings = {**CASES["mqa_window4"][0], "vocab_size": tokenizer.get_vocab_size()}
+    random_transformers_model(settings, bos_token_id=2, eos_token_id=1).to(torch.bfloat16).save_pretrained(tmp_path)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "GemmaTokenizer"}, f)
+    ours = hf.load_tokenizer(str(tmp_path))
+    prompt = "Once upon a time there was a little girl named Lily. Café!"
+    ids = AutoTokenizer.from_pretrained(tmp_path)(prompt).input_ids
+    assert ours.encode_ordinary(prompt) == ids and ids[0] == 2 and ours.eot_token == 1
+    assert b"".join(map(ours.decode_single_token_bytes, ids)).decode() == prompt  # é is two byte tokens
+
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    expected = theirs.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8)[0].tolist()
+    text = b"".join(ours.decode_single_token_bytes(t) for t in expected if t != 1).decode(errors="replace")
+    result = run("gemma.py", "sample", "--init_from", str(tmp_path), "--temperature", "0", "--max_new_tokens", "8", prompt)
+    assert result.stdout == text + "\n" + "-" * 40 + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Export: a model trained here as a Hugging Face directory
+
+
+def test_an_exported_model_loads_in_transformers_with_gpt2_tokenizer_and_generates_the_same_tokens(tmp_path):
+    model = tiny_model(vocab_size=50257).eval()  # random norms; GPT-2's vocabulary, the rest tiny
+    with torch.no_grad():  # weights 3x their initial size: a greedy continuation that varies, not one token repeated
+        for p in model.parameters():
+            p.mul_(3 if p.dim() == 2 else 1)
+    hf.export(model, tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert theirs.dtype == torch.float32 and theirs.model.embed_tokens.padding_idx is None
+    assert theirs.config.rope_parameters["sliding_attention"]["rope_theta"] == model.config.rope_local_base_freq
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    prompt = gpt2_tokenizer().encode_ordinary("Once upon a time")
+    assert tokenizer.encode("Once upon a time") == prompt and tokenizer.eos_token_id == 50256
+
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], theirs(idx).logits) < 1e-5
+    prompt = torch.tensor([prompt])
+    expected = theirs.generate(prompt, do_sample=False, max_new_tokens=20)  # 24 tokens: six times the window
+    assert torch.equal(model.generate(prompt, 20, temperature=0, eot_token=50256), expected)
+
+
+def test_to_transformers_gives_a_gemma3_for_causal_lm_with_the_same_weights_and_logits():
+    model = tiny_model().eval()
+    theirs = hf.to_transformers(model)
+    assert isinstance(theirs, Gemma3ForCausalLM) and not theirs.training
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight and theirs.model.embed_tokens.padding_idx is None
+    idx = torch.randint(0, 101, (2, 21))
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], theirs(idx).logits) < 1e-5
+
+
+def test_export_checkpoint_writes_the_model_of_a_training_checkpoint(tmp_path):
+    model = tiny_model(vocab_size=50257)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), dict(  # the layout train() writes
+        model=model.state_dict(), optimizers=[], scaler={}, model_config=asdict(model.config),
+        train_config=asdict(TrainConfig()), step=0, best_val_loss=math.inf,
+        rng=dict(torch=torch.get_rng_state(), data=torch.get_rng_state(), cuda=[])))
+    hf.export_checkpoint(str(tmp_path), str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "merges.txt",
+                                                   "model.safetensors", "tokenizer_config.json", "vocab.json"]
+    loaded = Gemma.from_pretrained(str(tmp_path / "hf"))
+    assert loaded.config == model.config
+    idx = torch.randint(0, 50257, (1, 12))
+    assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])

