@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The exact commands behind every result in README.md, on the TinyStories excerpt in ../shared.
+#   bash experiments.sh data        # tokenize the shared stories into data-shared/
+#   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each at an equal token budget
+#   bash experiments.sh small       # the 30-minute CPU recipe: the small preset, its curve and three stories
+#   bash experiments.sh bench       # python bench.py (speed against transformers)
+# Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
+set -euo pipefail
+cd "$(dirname "$0")"
+SHARED=../shared/data/tinystories
+DATA=data-shared
+
+case "${1:-}" in
+data)
+    python prepare.py --train_files $SHARED/train.jsonl --validation_files $SHARED/validation.jsonl --data_dir $DATA
+    ;;
+sweep)
+    # 100 steps of 8 x 256 tokens (204,800 tokens) each; the same seed, batches and validation windows for all.
+    common="--preset small --data_dir $DATA --max_steps 100 --batch_size 8 --total_batch_size 2048
+            --warmup_steps 10 --eval_interval 25 --log_interval 25"
+    for lr in 1e-3 2e-3 4e-3 8e-3; do
+        python gemma.py train $common --optimizer adamw --lr $lr --out_dir runs/sweep/adamw-lr$lr
+    done
+    for muon_lr in 0.01 0.02 0.04 0.08; do
+        python gemma.py train $common --optimizer muon --muon_lr $muon_lr --lr 4e-3 --out_dir runs/sweep/muon-lr$muon_lr
+    done
+    python - <<'PY'
+import glob, json, os
+print("| run | validation loss at 204,800 tokens | mean tokens/s |")
+print("| --- | --- | --- |")
+for d in sorted(glob.glob("runs/sweep/*")):
+    rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+    val = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    print(f"| {os.path.basename(d)} | {val:.4f} | {sum(speed) / len(speed):,.0f} |")
+PY
+    python plot.py runs/sweep/adamw-lr4e-3 runs/sweep/muon-lr0.02 -o runs/sweep/compare.png
+    ;;
+small)
+    /usr/bin/time -f "wall clock: %e s" python gemma.py train --preset small --data_dir $DATA --out_dir runs/small
+    python plot.py runs/small -o runs/small/loss.png
+    python gemma.py sample --out_dir runs/small --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
+        --max_new_tokens 200 "Once upon a time"
+    ;;
+bench)
+    python bench.py --out runs/bench.json
+    ;;
+*)
+    sed -n '2,7p' "$0"
+    exit 2
+    ;;
+esac
