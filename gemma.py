@@ -393,6 +393,12 @@ class SampleConfig:
     dtype: str = "auto"
 
 
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"             # where the checkpoint is
+    hf_dir: str = "hf"               # the Hugging Face model directory to write (see hf.py)
+
+
 def check_config(c):
     for name in ("block_size", "batch_size", "total_batch_size", "max_steps", "eval_interval", "eval_windows", "log_interval"):
         if getattr(c, name) <= 0:
@@ -720,9 +726,8 @@ def main(argv=None):
                                         help="generate stories")
     sample_parser.add_argument("prompt", nargs="?", help="the story's beginning (default: Once upon a time)")
     add_flags(sample_parser, SampleConfig, skip=("prompt",))
-    export_parser = commands.add_parser("export", allow_abbrev=False, help="write a checkpoint as a Hugging Face model")
-    export_parser.add_argument("--out_dir", default="out", help="where the checkpoint is (default: out)")
-    export_parser.add_argument("--hf_dir", default="hf", help="the Hugging Face model directory to write (default: hf)")
+    add_flags(commands.add_parser("export", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                                  help="write a checkpoint as a Hugging Face model"), ExportConfig)
     args = vars(parser.parse_args(argv))
     try:
         command = args.pop("command")
@@ -732,7 +737,8 @@ def main(argv=None):
             sample(replace(SampleConfig(), **args))
         elif command == "export":  # see hf.py
             from hf import export_checkpoint
-            export_checkpoint(args["out_dir"], args["hf_dir"])
+            c = replace(ExportConfig(), **args)
+            export_checkpoint(c.out_dir, c.hf_dir)
     except UserError as e:
         print(f"gemma.py: error: {e}", file=sys.stderr)
         sys.exit(1)
