@@ -18,10 +18,10 @@ sweep)
     # 100 steps of 8 x 256 tokens (204,800 tokens) each; the same seed, batches and validation windows for all.
     common="--preset small --data_dir $DATA --max_steps 100 --batch_size 8 --total_batch_size 2048
             --warmup_steps 10 --eval_interval 25 --log_interval 25"
-    for lr in 1e-3 2e-3 4e-3 8e-3; do
+    for lr in 1e-3 2e-3 4e-3; do
         python gemma.py train $common --optimizer adamw --lr $lr --out_dir runs/sweep/adamw-lr$lr
     done
-    for muon_lr in 0.01 0.02 0.04 0.08; do
+    for muon_lr in 0.01 0.02 0.04; do
         python gemma.py train $common --optimizer muon --muon_lr $muon_lr --lr 4e-3 --out_dir runs/sweep/muon-lr$muon_lr
     done
     python - <<'PY'
