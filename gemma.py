@@ -59,8 +59,8 @@ PRESETS = {
     "270m": (GemmaConfig(), {}),
     "small": (GemmaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, head_dim=32,
                           sliding_window=128),
-              dict(block_size=256, batch_size=16, total_batch_size=4096, lr=4e-3, warmup_steps=40,
-                   max_steps=400, eval_interval=50, eval_windows=64, log_interval=10)),  # ~30 min on 2 CPU cores
+              dict(block_size=256, batch_size=16, total_batch_size=4096, lr=4e-3, warmup_steps=25,
+                   max_steps=250, eval_interval=25, eval_windows=64, log_interval=10)),  # minutes on 2 CPU cores
 }
 
 # -----------------------------------------------------------------------------
@@ -109,28 +109,41 @@ def sliding_block_mask(T, window, device):
     return create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=device)
 
 
+def sdpa(q, k, v, **kwargs):
+    """F.scaled_dot_product_attention with groups of query heads sharing a key/value head. On the CPU its backward is
+    several times slower when there are fewer (batch, key/value head) pairs than threads (measured: 6x with one pair
+    and two threads), so for training there the shared heads are copied out, one per query head."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.size(0) * k.size(1) < torch.get_num_threads():
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
 @lru_cache(maxsize=16)
-def banded_mask(T, window, device):
-    """The boolean mask of `blocked_sliding_attention`: (blocks, 1, window, 2 * window), True where a query may look."""
-    n = -(-T // window)
-    i = torch.arange(n * window, device=device).view(n, 1, window, 1)  # the queries of each block
-    j = i - window - i % window + torch.arange(2 * window, device=device).view(1, 1, 1, -1)  # its block's keys and the previous block's
-    return (j <= i) & (i - j < window) & (j >= 0)
+def banded_mask(window, block, device):
+    """The mask of `blocked_sliding_attention`, the same for every block: (block, window + block), True where query a
+    of a block may see its key c, i.e. where that key is window + a - c positions back, from 0 to window - 1."""
+    a, c = torch.arange(block, device=device)[:, None], torch.arange(window + block, device=device)
+    return (c > a) & (c <= a + window)
 
 
 def blocked_sliding_attention(q, k, v, window, scale):
-    """Sliding-window attention at a cost that grows as T x window, with no compiler: cut the sequence into blocks
-    of `window` queries; every key a block's queries may see lies in that block or the one before it."""
+    """Sliding-window attention at a cost that grows as T x window, with no compiler. The first `window` queries see
+    every key before them: plain causal attention. The others go in blocks of b = window / 2 queries, and a block's
+    queries see only the window + b keys that end with its last one: 1.5 keys computed per key seen. (Blocks of a
+    whole window compute 2 and measured 15-25% slower on a CPU; blocks of window / 4, 7-45% slower: small blocks
+    make the kernel less efficient.)"""
     B, H, T, D = q.shape
-    n, pad = -(-T // window), -T % window
-
-    def blocks(t):  # (B, heads, n * window, D) -> (B, n, heads, window, D)
-        return t.unflatten(2, (n, window)).transpose(1, 2)
-    q = blocks(F.pad(q, (0, 0, 0, pad)))
-    k, v = (F.pad(t, (0, 0, window, pad)) for t in (k, v))  # a block of padding in front of block 0
-    k, v = (torch.cat((blocks(t[:, :, :-window]), blocks(t[:, :, window:])), dim=3) for t in (k, v))  # (B, n, kv, 2w, D)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=banded_mask(T, window, q.device), scale=scale, enable_gqa=True)
-    return y.transpose(1, 2).reshape(B, H, n * window, D)[:, :, :T]
+    first = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, scale=scale)
+    if T <= window:
+        return first
+    b = window // 2 if window % 2 == 0 else window  # a divisor of the window, so a block's keys are whole blocks
+    n, pad = -(-(T - window) // b), -(T - window) % b
+    q = F.pad(q[:, :, window:], (0, 0, 0, pad)).unflatten(2, (n, b)).transpose(1, 2).flatten(0, 1)  # (B * n, heads, b, D)
+    # block i's keys are positions i * b .. i * b + window + b - 1: the window / b + 1 blocks of keys from i on
+    k, v = (torch.cat([t[:, :, i:i + n * b].unflatten(2, (n, b)) for i in range(0, window + 1, b)], dim=3)
+            .transpose(1, 2).flatten(0, 1) for t in (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))))
+    y = sdpa(q, k, v, attn_mask=banded_mask(window, b, q.device), scale=scale)  # (B * n, heads, b, D)
+    return torch.cat((first, y.unflatten(0, (B, n)).transpose(1, 2).reshape(B, H, n * b, D)[:, :, :T - window]), dim=2)
 
 
 def attention(q, k, v, window, scale):
@@ -138,9 +151,9 @@ def attention(q, k, v, window, scale):
     Picks the cheapest exact kernel: causal with no mask tensor where the window cannot bite, else a block-sparse one."""
     T = q.size(2)
     if T == 1:  # one new token against a key/value cache that holds exactly what it may see
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        return sdpa(q, k, v, scale=scale)
     if window is None or T <= window:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return sdpa(q, k, v, is_causal=True, scale=scale)
     if torch.compiler.is_compiling() and (q.device.type == "cuda" or not torch.is_grad_enabled()):
         from torch.nn.attention.flex_attention import flex_attention  # fast only when compiled; no CPU backward
         return flex_attention(q, k, v, block_mask=sliding_block_mask(T, window, q.device), scale=scale, enable_gqa=True)
@@ -229,6 +242,32 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """logits = x weight^T and their mean cross-entropy with the targets (ignoring -100, as F.cross_entropy does) with
+    one (N, vocab) buffer besides the logits, where F.cross_entropy writes three (log-probabilities, a zero-filled
+    gradient, the logits' gradient): with 50,257 words, most of a small model's step on a CPU, where each fresh buffer
+    over 32 MB also costs a page fault per 4 kB. The loss goes 2^22 values (16 MB) at a time, which the allocator
+    reuses; the backward writes softmax - one-hot once, in place, and multiplies it into both gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):  # x: (N, hidden), weight: (vocab, hidden), targets: (N,)
+        ctx.set_materialize_grads(False)  # no zero-filled (N, vocab) gradient for logits that feed nothing else
+        logits, rows, ctx.count = F.linear(x, weight), max(1, 2 ** 22 // len(weight)), (targets != -100).sum()
+        ctx.save_for_backward(x, weight, targets, logits)
+        return logits, sum(F.cross_entropy(block.float(), t, reduction="sum")
+                           for block, t in zip(logits.split(rows), targets.split(rows))) / ctx.count
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_loss):
+        x, weight, targets, logits = ctx.saved_tensors
+        scale = (targets != -100) * (0.0 if grad_loss is None else grad_loss / ctx.count)  # 0 for an ignored target
+        g = logits.float().softmax(-1).mul_(scale[:, None])
+        g = g.scatter_add_(1, targets.clamp(min=0)[:, None], -scale[:, None]).to(logits.dtype)  # (softmax - one-hot) x scale
+        if grad_logits is not None:  # the logits fed something else too
+            g += grad_logits
+        return g @ weight, g.t() @ x, None
+
+
 class Gemma(nn.Module):
     """Gemma 3: embed, scale by sqrt(width), the blocks, a final norm, and logits through the embedding itself (tied)."""
 
@@ -256,7 +295,11 @@ class Gemma(nn.Module):
         rotations = {"full_attention": self.rotary_emb(positions), "sliding_attention": self.rotary_emb_local(positions)}
         for i, layer in enumerate(self.layers):
             x = layer(x, *rotations[layer.layer_type], cache[i] if cache else None, pos)
-        logits = F.linear(self.norm(x), self.embed_tokens.weight)  # tied output layer: no lm_head of its own
+        x = self.norm(x)
+        if targets is not None and not (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+            logits, loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.embed_tokens.weight, targets.flatten())
+            return logits.view(*targets.shape, -1), loss  # (a compiler fuses the loss itself; autocast: see below)
+        logits = F.linear(x, self.embed_tokens.weight)  # tied output layer: no lm_head of its own
         loss = None
         if targets is not None:  # the loss in float32, whatever the autocast dtype
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
