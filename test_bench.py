@@ -1,0 +1,49 @@
+"""
+test_bench.py: bench.py's logic, on tiny configurations, in seconds, with no timing assertions.
+
+    python -m pytest test_bench.py
+"""
+import json
+
+import pytest
+
+import bench
+from gemma import PRESETS, GemmaConfig
+
+
+def tiny_config(**overrides):
+    settings = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, sliding_window=4,
+                    layer_types=("sliding_attention", "full_attention"), max_position_embeddings=128)
+    return GemmaConfig(**{**settings, **overrides})
+
+
+def test_flops_per_token_counts_matmul_weights_six_times_and_attention_over_the_keys_each_query_sees():
+    c = tiny_config(vocab_size=10, hidden_size=4, intermediate_size=8, num_attention_heads=2, num_key_value_heads=1,
+                    head_dim=2, sliding_window=2)
+    # per layer: q 4x4, k 4x2, v 4x2, o 4x4 = 48, gate, up, down 3 x 4x8 = 96; two layers; the tied output layer 10 x 4
+    weights = 2 * (48 + 96) + 40
+    # T = 4: the sliding layer's queries see 1, 2, 2, 2 keys (window 2), the full layer's 1, 2, 3, 4
+    keys = (1 + 2 + 2 + 2) / 4 + (1 + 2 + 3 + 4) / 4
+    assert bench.flops_per_token(c, 4) == 6 * weights + 12 * keys * 2 * 2 == 2172
+
+
+def test_flops_per_token_of_270m_at_1024_tokens():
+    c = PRESETS["270m"][0]  # 15 sliding layers see 384.25 keys on average, 3 full layers 512.5
+    expected = 6 * (18 * (2 * 640 * 256 * 5 + 3 * 640 * 2048) + 50257 * 640) + 12 * (15 * 384.25 + 3 * 512.5) * 256 * 4
+    assert bench.flops_per_token(c, 1024) == pytest.approx(expected)
+
+
+def test_measurements_are_taken_in_turns_after_the_warm_up():
+    calls = []
+    times = bench.in_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, reps=3)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+
+
+def test_quick_generation_on_a_tiny_config_runs_and_all_three_outputs_are_equal(tmp_path, monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
+    out = tmp_path / "results.json"
+    bench.main(["--quick", "--only", "generate", "--preset", "tiny", "--out", str(out)])
+    r = json.loads(out.read_text())["generate"]
+    assert r["outputs_equal"] is True and r["new_tokens"] == 32  # 16 prompt + 32 new tokens: 8 times the window
+    assert r["cache_speedup"] > 0 and r["speedup"] > 0
