@@ -64,7 +64,7 @@ small)
         --max_new_tokens 120 "Once upon a time"
     ;;
 bench)
-    python bench.py --out runs/bench.json
+    python bench.py --threads 1 --out assets/bench_cpu.json
     ;;
 *)
     sed -n '2,7p' "$0"
