@@ -9,15 +9,15 @@ process on the same machine, with the same configuration, batch and dtype.
     python bench.py --compile                    # also gemma.py under torch.compile (minutes of compiling on a CPU)
     python bench.py --help                       # every option
 
-Sections: 1. a training step (forward + backward) in tokens/s and model FLOPs utilisation, against the matrix-multiply
-peak measured in the same run; 2. greedy generation of 256 new tokens with the key/value cache, without it, and with
+Sections: 1. a training step (forward + backward; the optimizer's step, the same torch code for both, is left out) in
+tokens/s and model FLOPs utilisation, against the matrix-multiply peak measured in the same run; 2. greedy generation of 256 new tokens with the key/value cache, without it, and with
 transformers' generate, whose outputs must be equal; 3. a sliding layer's forward + backward time as the sequence
 doubles; 4. prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text.
 Timings: warm-up runs, then the median of several, taken in turns (gemma.py, transformers, gemma.py, ...) so that
 other processes on the machine slow both alike. The load average is printed: with other work on a 2-core machine,
 two threads wait on each other at every operation, and `--threads 1` gives steadier figures.
 """
-import argparse, contextlib, io, json, os, platform, statistics, sys, tempfile, time
+import argparse, contextlib, io, json, os, platform, statistics, tempfile, time
 
 import torch
 

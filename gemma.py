@@ -113,9 +113,14 @@ def sdpa(q, k, v, **kwargs):
     """F.scaled_dot_product_attention with groups of query heads sharing a key/value head. On the CPU its backward is
     several times slower when there are fewer (batch, key/value head) pairs than threads (measured: 6x with one pair
     and two threads), so for training there the shared heads are copied out, one per query head."""
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.size(0) * k.size(1) < torch.get_num_threads():
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.size(0) * k.size(1) < cpu_threads():
         k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
+@torch.compiler.assume_constant_result  # a number, not a tensor: without this torch.compile would split its graph here
+def cpu_threads():
+    return torch.get_num_threads()
 
 
 @lru_cache(maxsize=16)
