@@ -2,7 +2,7 @@
 # The exact commands behind every result in README.md, on the TinyStories excerpt in ../shared.
 #   bash experiments.sh data        # tokenize the shared stories into data-shared/
 #   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each at an equal token budget
-#   bash experiments.sh small       # the CPU recipe (about 15 minutes on 2 quiet cores): the small preset, its curve and three stories
+#   bash experiments.sh small       # the CPU recipe (about 30 minutes on 2 quiet cores): the small preset, its curve and three stories
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
 # Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
 set -euo pipefail
@@ -18,7 +18,7 @@ sweep)
     # 100 steps of 8 x 256 tokens (204,800 tokens) each; the same seed, batches and validation windows for all.
     common="--preset small --data_dir $DATA --max_steps 100 --batch_size 8 --total_batch_size 2048
             --warmup_steps 10 --eval_interval 25 --log_interval 25"
-    for lr in 1e-3 2e-3 4e-3; do
+    for lr in 1e-3 2e-3 4e-3 8e-3 1.6e-2; do
         python gemma.py train $common --optimizer adamw --lr $lr --out_dir runs/sweep/adamw-lr$lr
     done
     for muon_lr in 0.01 0.02 0.04; do
@@ -64,7 +64,7 @@ small)
         --max_new_tokens 120 "Once upon a time"
     ;;
 bench)
-    python bench.py --threads 1 --out assets/bench_cpu.json
+    python bench.py --compile --out assets/bench_cpu.json
     ;;
 *)
     sed -n '2,7p' "$0"

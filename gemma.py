@@ -57,10 +57,9 @@ class GemmaConfig:
 # Presets: a model and the training settings that suit it. Command-line flags override both.
 PRESETS = {
     "270m": (GemmaConfig(), {}),
-    "small": (GemmaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, head_dim=32,
-                          sliding_window=128),
+    "small": (GemmaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, head_dim=32, sliding_window=128),
               dict(block_size=256, batch_size=16, total_batch_size=4096, lr=4e-3, warmup_steps=25,
-                   max_steps=250, eval_interval=25, eval_windows=64, log_interval=10)),  # minutes on 2 CPU cores
+                   max_steps=500, eval_interval=50, eval_windows=64, log_interval=10)),  # ~30 min on 2 CPU cores
 }
 
 # -----------------------------------------------------------------------------
@@ -76,8 +75,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # an offset from 1, not a scale: no shift, no bias
 
     def forward(self, x):
-        # x * rsqrt(mean(x^2) + eps) * (1 + w) in one call (the same arithmetic, fewer Python steps: 2% faster generation),
-        # in float32 even under autocast: fp16 overflows here (transformers issue #36822); multiply, then downcast
+        # x * rsqrt(mean(x^2) + eps) * (1 + w), in float32 even under autocast (fp16 overflows: transformers #36822)
         return F.rms_norm(x.float(), (x.size(-1),), 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
@@ -102,9 +100,10 @@ def apply_rotary(x, cos, sin):  # x: (B, heads, T, head_dim)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+@torch.compiler.disable  # run as plain Python even inside torch.compile, which would otherwise rebuild it every call
 @lru_cache(maxsize=16)
 def sliding_block_mask(T, window, device):
-    """FlexAttention's block mask for the sliding window: only the blocks of the T x T grid near the diagonal are computed."""
+    """FlexAttention's block mask for the sliding window: only the blocks of the T x T grid near the diagonal count."""
     from torch.nn.attention.flex_attention import create_block_mask
     return create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=device)
 
@@ -123,7 +122,6 @@ def cpu_threads():
     return torch.get_num_threads()
 
 
-@lru_cache(maxsize=16)
 def banded_mask(window, block, device):
     """The mask of `blocked_sliding_attention`, the same for every block: (block, window + block), True where query a
     of a block may see its key c, i.e. where that key is window + a - c positions back, from 0 to window - 1."""
@@ -150,17 +148,17 @@ def blocked_sliding_attention(q, k, v, window, scale):
     return torch.cat((first, y.unflatten(0, (B, n)).transpose(1, 2).reshape(B, H, n * b, D)[:, :, :T - window]), dim=2)
 
 
-def attention(q, k, v, window, scale):
+def attention(q, k, v, window, scale, block_mask=None):
     """softmax(q k^T * scale) v over the keys each query may see. q: (B, heads, T, D); k, v: (B, kv_heads, S, D).
-    Picks the cheapest exact kernel: causal with no mask tensor where the window cannot bite, else a block-sparse one."""
+    The cheapest exact kernel: causal where the window cannot bite, else block-sparse (FlexAttention when compiled)."""
     T = q.size(2)
     if T == 1:  # one new token against a key/value cache that holds exactly what it may see
         return sdpa(q, k, v, scale=scale)
     if window is None or T <= window:
         return sdpa(q, k, v, is_causal=True, scale=scale)
-    if torch.compiler.is_compiling() and (q.device.type == "cuda" or not torch.is_grad_enabled()):
-        from torch.nn.attention.flex_attention import flex_attention  # fast only when compiled; no CPU backward
-        return flex_attention(q, k, v, block_mask=sliding_block_mask(T, window, q.device), scale=scale, enable_gqa=True)
+    if block_mask is not None:
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
     return blocked_sliding_attention(q, k, v, window, scale)
 
 
@@ -175,8 +173,7 @@ class KVCache:
         T, L = k.size(2), self.length
         assert T == 1 or pos == 0, "a prompt is processed in one pass, then one token a step"
         if self.k is None:
-            self.k = k.new_zeros(k.size(0), k.size(1), L, k.size(3))
-            self.v = torch.zeros_like(self.k)
+            self.k, self.v = k.new_zeros(*k.shape[:2], L, k.size(3)), v.new_zeros(*v.shape[:2], L, v.size(3))
         slots = torch.arange(pos, pos + T, device=k.device)[-L:] % L
         self.k.index_copy_(2, slots, k[:, :, -L:])
         self.v.index_copy_(2, slots, v[:, :, -L:])
@@ -201,7 +198,7 @@ class Attention(nn.Module):
         self.window = c.sliding_window if layer_type == "sliding_attention" else None
         self.scale = c.query_pre_attn_scalar ** -0.5
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=0, block_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)     # (B, heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
@@ -210,7 +207,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)
-        y = attention(q, k, v, self.window, self.scale)            # (B, heads, T, head_dim)
+        y = attention(q, k, v, self.window, self.scale, block_mask)  # (B, heads, T, head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -241,8 +238,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pos))
+    def forward(self, x, cos, sin, cache=None, pos=0, block_mask=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, block_mask))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -297,8 +294,11 @@ class Gemma(nn.Module):
         x = self.embed_tokens(idx) * self.embed_scale.to(self.embed_tokens.weight.dtype)
         positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
         rotations = {"full_attention": self.rotary_emb(positions), "sliding_attention": self.rotary_emb_local(positions)}
+        T, window = idx.size(1), self.config.sliding_window
+        flex = torch.compiler.is_compiling() and T > window and (x.device.type == "cuda" or not torch.is_grad_enabled())
+        block_mask = sliding_block_mask(T, window, x.device) if flex else None  # one per length, for every layer
         for i, layer in enumerate(self.layers):
-            x = layer(x, *rotations[layer.layer_type], cache[i] if cache else None, pos)
+            x = layer(x, *rotations[layer.layer_type], cache[i] if cache else None, pos, block_mask)
         x = self.norm(x)
         # LinearCrossEntropy in eager mode, in the weights' dtype: compiled, the plain loss below is fused anyway, and
         # under autocast the plain path multiplies in low precision, which LinearCrossEntropy does not
@@ -321,9 +321,11 @@ class Gemma(nn.Module):
     # Generation
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, eot_token=None, seed=None, use_cache=True):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, eot_token=None, seed=None, use_cache=True,
+               compile=False):
         """Yield the next token of every row, (B,), one step at a time. temperature 0 is greedy; top_k keeps the k
-        likeliest tokens; a row that emits eot_token keeps emitting it, and the stream stops once all rows have."""
+        likeliest tokens; a row that emits eot_token keeps emitting it, and the stream stops once all rows have.
+        compile: torch.compile the one-token steps, fusing each layer's ~60 small operations (one graph for all lengths)."""
         if idx.size(1) + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"{idx.size(1)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
                              f"context of {self.config.max_position_embeddings}")
@@ -335,8 +337,10 @@ class Gemma(nn.Module):
             cache = [KVCache(min(length, self.config.sliding_window) if t == "sliding_attention" else length)
                      for t in self.config.layer_types]
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        step = torch.compile(self, dynamic=True) if compile and use_cache else self
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, pos:], cache=cache, pos=pos)  # without a cache, pos stays 0: the whole sequence again
+            # the prompt in one pass, then one token a step; without a cache, pos stays 0: the whole sequence again
+            logits, _ = (step if pos else self)(idx[:, pos:], cache=cache, pos=pos)
             pos = idx.size(1) if use_cache else 0
             logits = logits[:, -1, :].float()
             if temperature == 0:
@@ -438,6 +442,7 @@ class SampleConfig:
     top_k: int = 200                 # sample from the k likeliest tokens; 0 keeps them all
     seed: int = 1337                 # the same seed gives the same stories
     stop_at_eot: bool = True         # end a story at the end-of-text token
+    compile: bool = False            # torch.compile the one-token step: about a minute of compiling, then faster tokens
     device: str = "auto"
     dtype: str = "auto"
 
@@ -460,21 +465,18 @@ def check_config(c):
 
 
 def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
 
 
 def pick_dtype(name, device):
     """auto: bfloat16 on GPUs that have it; float16 (with a gradient scaler) on those that do not, such as a T4, and
     on Apple silicon; float32 on the CPU, where bfloat16 matrix multiplies are slower unless the CPU has AMX."""
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            name = "float16" if device.type == "mps" else "float32"
+    if name == "auto" and device.type == "cuda":
+        name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif name == "auto":
+        name = "float16" if device.type == "mps" else "float32"
     if name not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype must be auto, bfloat16, float16 or float32, not {name}")
     return getattr(torch, name)
@@ -725,7 +727,7 @@ def sample(c):
         print(text.decode(b"".join(tokenizer.decode_single_token_bytes(t) for t in ids)), end="", flush=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             for token in model.stream(idx, c.max_new_tokens, temperature=c.temperature, top_k=c.top_k or None,
-                                      eot_token=eot, seed=c.seed + i):
+                                      eot_token=eot, seed=c.seed + i, compile=c.compile):
                 if token.item() != eot:
                     print(text.decode(tokenizer.decode_single_token_bytes(token.item())), end="", flush=True)
         print(text.decode(b"", final=True) + "\n" + "-" * 40, flush=True)
@@ -786,8 +788,7 @@ def main(argv=None):
             sample(replace(SampleConfig(), **args))
         elif command == "export":  # see hf.py
             from hf import export_checkpoint
-            c = replace(ExportConfig(), **args)
-            export_checkpoint(c.out_dir, c.hf_dir)
+            export_checkpoint(**asdict(replace(ExportConfig(), **args)))
     except UserError as e:
         print(f"gemma.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -40,10 +40,10 @@ def test_measurements_are_taken_in_turns_after_the_warm_up():
     assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
 
 
-def test_quick_generation_on_a_tiny_config_runs_and_all_three_outputs_are_equal(tmp_path, monkeypatch):
+def test_quick_generation_on_a_tiny_config_runs_and_all_four_outputs_are_equal(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
     out = tmp_path / "results.json"
     bench.main(["--quick", "--only", "generate", "--preset", "tiny", "--out", str(out)])
-    r = json.loads(out.read_text())["generate"]
+    [r] = json.loads(out.read_text())["generate"]
     assert r["outputs_equal"] is True and r["new_tokens"] == 32  # 16 prompt + 32 new tokens: 8 times the window
-    assert r["cache_speedup"] > 0 and r["speedup"] > 0
+    assert r["cache_speedup"] > 0 and r["speedup"] > 0 and r["compiled_speedup"] > 0 and r["compile_seconds"] > 0

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
+import gemma
 import hf
 from gemma import (Gemma, GemmaConfig, KVCache, TrainConfig, attention, blocked_sliding_attention, make_optimizers,
                    optimizer_step, save_checkpoint)
@@ -178,15 +179,38 @@ def test_blocked_sliding_attention_equals_the_dense_mask(T, window, heads, kv_he
 
 def test_flex_attention_path_equals_the_dense_mask():
     from gemma import sliding_block_mask
-    from torch.nn.attention.flex_attention import flex_attention
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 256, 16), torch.randn(1, 1, 256, 16), torch.randn(1, 1, 256, 16)
     with torch.no_grad():  # FlexAttention has no backward on the CPU; CUDA training uses it compiled
-        out = torch.compile(lambda q, k, v: attention(q, k, v, 48, 0.25))(q, k, v)
-        uncompiled = flex_attention(q, k, v, block_mask=sliding_block_mask(256, 48, q.device), scale=0.25, enable_gqa=True)
-    expected = reference_attention(q, k, v, 48, 0.25)
-    assert torch.allclose(uncompiled, expected, atol=1e-5)
-    assert torch.allclose(out, expected, atol=1e-5)
+        out = torch.compile(attention)(q, k, v, 48, 0.25, block_mask=sliding_block_mask(256, 48, q.device))
+    assert torch.allclose(out, reference_attention(q, k, v, 48, 0.25), atol=1e-5)
+
+
+def test_compiled_model_uses_flex_attention_with_one_cached_block_mask_per_length():
+    from gemma import sliding_block_mask
+    cache = sliding_block_mask.__wrapped__  # the lru_cache under torch.compiler.disable
+    model = tiny_model(sliding_window=48).eval()
+    idx = torch.randint(0, 101, (2, 200))  # longer than the window: the sliding layers slide
+    compiled = torch.compile(model)
+    cache.cache_clear()
+    with torch.no_grad():
+        expected = model(idx)[0]  # eager: the blocked fallback, no block mask
+        assert cache.cache_info().misses == 0
+        outputs = [compiled(idx)[0] for _ in range(3)]
+    # built once, then looked up on every call (inside the graph, torch.compile would ignore the cache and rebuild it)
+    assert cache.cache_info().misses == 1 and cache.cache_info().hits == 2
+    assert all(torch.allclose(out, expected, atol=1e-5) for out in outputs)
+
+
+def test_gemma_py_stays_under_800_lines():  # the core issue's ceiling, comments included
+    assert len(open(gemma.__file__).read().splitlines()) < 800
+
+
+def test_compiled_one_token_steps_generate_what_the_eager_model_does():
+    model = tiny_model()
+    prompt = torch.randint(0, 101, (2, 9))  # 9 + 20 tokens: the ring buffers of the sliding layers wrap around
+    eager = model.generate(prompt, 20, temperature=0)
+    assert torch.equal(model.generate(prompt, 20, temperature=0, compile=True), eager)
 
 
 def test_sliding_layer_key_value_cache_is_a_ring_of_the_last_window_positions():
