@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The exact commands behind every result in README.md, on the TinyStories excerpt in ../shared.
 #   bash experiments.sh data        # tokenize the shared stories into data-shared/
-#   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each at an equal token budget
-#   bash experiments.sh small       # the CPU recipe (about 30 minutes on 2 quiet cores): the small preset, its curve and three stories
+#   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each, then equal tokens and equal wall-clock
+#   bash experiments.sh small       # the CPU recipe (about 25 minutes on 2 quiet cores): the small preset, its curve and three stories
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
 # Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
 set -euo pipefail
@@ -18,26 +18,25 @@ sweep)
     # 100 steps of 8 x 256 tokens (204,800 tokens) each; the same seed, batches and validation windows for all.
     common="--preset small --data_dir $DATA --max_steps 100 --batch_size 8 --total_batch_size 2048
             --warmup_steps 10 --eval_interval 25 --log_interval 25"
-    for lr in 1e-3 2e-3 4e-3 8e-3 1.6e-2; do
-        python gemma.py train $common --optimizer adamw --lr $lr --out_dir runs/sweep/adamw-lr$lr
+    best() {  # the learning rate of the runs/sweep/$1* run that finished with the lowest validation loss
+        python -c 'import glob, json, sys
+def final(d):
+    last = [json.loads(l) for l in open(d + "/metrics.jsonl") if "val_loss" in l][-1]
+    return last["val_loss"] if last["step"] == 100 else float("inf")  # a run whose loss diverged stopped early
+print(min(glob.glob(f"runs/sweep/{sys.argv[1]}*"), key=final).split(sys.argv[1])[1])' "$1"
+    }
+    for lr in 1e-3 2e-3 4e-3 8e-3 1.6e-2 3.2e-2 6.4e-2 1.28e-1 2.56e-1 5.12e-1 1.024; do  # doubling until it gets worse
+        python gemma.py train $common --optimizer adamw --lr $lr --out_dir runs/sweep/adamw-lr$lr || true  # diverged: go on
     done
-    for muon_lr in 0.01 0.02 0.04; do
+    for muon_lr in 0.01 0.02 0.04; do  # Muon for the hidden matrices; AdamW at 4e-3 for the embedding and norms
         python gemma.py train $common --optimizer muon --muon_lr $muon_lr --lr 4e-3 --out_dir runs/sweep/muon-lr$muon_lr
     done
-    python - <<'PY'
-import glob, json, os
-print("| run | validation loss at 204,800 tokens | mean tokens/s |")
-print("| --- | --- | --- |")
-for d in sorted(glob.glob("runs/sweep/*")):
-    rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
-    val = [r["val_loss"] for r in rows if "val_loss" in r][-1]
-    speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    print(f"| {os.path.basename(d)} | {val:.4f} | {sum(speed) / len(speed):,.0f} |")
-PY
-    python plot.py runs/sweep/adamw-lr4e-3 runs/sweep/muon-lr0.02 -o assets/adamw_vs_muon.png
+    adamw_lr=$(best adamw-lr) muon_lr=$(best muon-lr)
+    # Muon's best rate again, with AdamW's best rate for the embedding and norms
+    python gemma.py train $common --optimizer muon --muon_lr $muon_lr --lr $adamw_lr --out_dir runs/sweep/muon+adamw-lr$adamw_lr
     # tokens/s of the two optimizers side by side, in turns, in one process (machine noise hits both alike)
     python - <<'PY'
-import statistics, time, torch
+import json, statistics, time, torch
 from gemma import PRESETS, Gemma, TrainConfig, make_optimizers, optimizer_step
 torch.manual_seed(0)
 x = torch.randint(0, 50257, (8, 257))
@@ -46,16 +45,30 @@ for name in ("adamw", "muon"):
     model = Gemma(PRESETS["small"][0])
     runs[name] = (model, make_optimizers(model, TrainConfig(optimizer=name), fused=False))
 scaler, times = torch.amp.GradScaler("cpu", enabled=False), {name: [] for name in runs}
-for rep in range(8):
+for rep in range(12):
     for name, (model, optimizers) in runs.items():
         t0 = time.perf_counter()
         model(x[:, :-1], x[:, 1:])[1].backward()
         optimizer_step(model, optimizers, scaler, 1.0)
         if rep >= 2:  # after two warm-up steps
             times[name].append(time.perf_counter() - t0)
+speed = {name: 8 * 256 / statistics.median(t) for name, t in times.items()}
 for name, t in times.items():
-    print(f"{name}: {8 * 256 / statistics.median(t):,.0f} tokens/s (median of {len(t)} steps of 8 x 256 tokens)")
+    print(f"{name}: {speed[name]:,.0f} tokens/s (median of {len(t)} steps of 8 x 256 tokens)")
+json.dump(speed, open("runs/sweep/speed.json", "w"))
 PY
+    # equal wall-clock: AdamW at its best rate for as many more steps as its steps are faster than Muon's
+    steps=$(python -c 'import json; s = json.load(open("runs/sweep/speed.json")); print(round(100 * s["adamw"] / s["muon"]))')
+    python gemma.py train $common --optimizer adamw --lr $adamw_lr --max_steps $steps --out_dir runs/sweep/wallclock-adamw-lr$adamw_lr
+    python - <<'PY'
+import glob, json, math, os
+print("| run | steps | tokens | validation loss | perplexity |")
+print("| --- | --- | --- | --- | --- |")
+for d in sorted(glob.glob("runs/sweep/*/")):
+    last = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if "val_loss" in l][-1]
+    print(f"| {os.path.basename(d[:-1])} | {last['step']} | {last['tokens']:,} | {last['val_loss']:.4f} | {math.exp(last['val_loss']):.1f} |")
+PY
+    python plot.py runs/sweep/adamw-lr$adamw_lr runs/sweep/muon-lr$muon_lr runs/sweep/muon+adamw-lr$adamw_lr -o assets/adamw_vs_muon.png
     ;;
 small)
     /usr/bin/time -f "wall clock: %e s" python gemma.py train --preset small --data_dir $DATA --out_dir runs/small
