@@ -10,8 +10,9 @@ process on the same machine, with the same configuration, batch and dtype.
     python bench.py --help                       # every option
 
 Sections: 1. a training step (forward + backward; the optimizer's step, the same torch code for both, is left out) in
-tokens/s and model FLOPs utilisation, against the matrix-multiply peak measured in the same run; 2. greedy generation of 256 new tokens with the key/value cache, without it, and with
-transformers' generate, whose outputs must be equal; 3. a sliding layer's forward + backward time as the sequence
+tokens/s and model FLOPs utilisation, against the matrix-multiply peak measured in the same run; 2. greedy generation
+of 256 new tokens with the key/value cache (eager, and compiled), without it, and with transformers' generate, whose
+outputs must be equal; 3. a sliding layer's forward + backward time as the sequence
 doubles; 4. prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text.
 Timings: warm-up runs, then the median of several, taken in turns (gemma.py, transformers, gemma.py, ...) so that
 other processes on the machine slow both alike. The load average is printed: with other work on a 2-core machine,
@@ -144,7 +145,8 @@ def bench_generate(preset, new_tokens, reps, prompt_tokens=16):
     t0 = time.perf_counter()  # compiling happens on the first call, and is timed apart from the generation
     in_turns({"gemma.py cache compiled": generate("gemma.py cache compiled", tokens=4)}, 1, 0)
     compile_seconds = time.perf_counter() - t0
-    in_turns({n: generate(n, n != "gemma.py no cache", tokens=4) for n in [*runs, "gemma.py no cache"]}, 1, 0)
+    in_turns({n: generate(n, n != "gemma.py no cache", tokens=4)  # warm up the others
+              for n in ("gemma.py cache", "transformers", "gemma.py no cache")}, 1, 0)
     times = in_turns(runs, warmup=0, reps=reps)
     times.update(in_turns({"gemma.py no cache": generate("gemma.py no cache", use_cache=False)}, 0, 1))  # long: once
     reference_output = outputs["gemma.py cache"]

@@ -108,6 +108,11 @@ def sliding_block_mask(T, window, device):
     return create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, T, T, device=device)
 
 
+@torch.compiler.assume_constant_result  # a number, not a tensor: without this torch.compile would split its graph here
+def cpu_threads():
+    return torch.get_num_threads()
+
+
 def sdpa(q, k, v, **kwargs):
     """F.scaled_dot_product_attention with groups of query heads sharing a key/value head. On the CPU its backward is
     several times slower when there are fewer (batch, key/value head) pairs than threads (measured: 6x with one pair
@@ -115,11 +120,6 @@ def sdpa(q, k, v, **kwargs):
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.size(0) * k.size(1) < cpu_threads():
         k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-
-
-@torch.compiler.assume_constant_result  # a number, not a tensor: without this torch.compile would split its graph here
-def cpu_threads():
-    return torch.get_num_threads()
 
 
 def banded_mask(window, block, device):
@@ -442,7 +442,7 @@ class SampleConfig:
     top_k: int = 200                 # sample from the k likeliest tokens; 0 keeps them all
     seed: int = 1337                 # the same seed gives the same stories
     stop_at_eot: bool = True         # end a story at the end-of-text token
-    compile: bool = False            # torch.compile the one-token step: about a minute of compiling, then faster tokens
+    compile: bool = False            # torch.compile the one-token step: ~20 s of compiling on a CPU, then faster tokens
     device: str = "auto"
     dtype: str = "auto"
 

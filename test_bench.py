@@ -8,19 +8,14 @@ import json
 import pytest
 
 import bench
-from gemma import PRESETS, GemmaConfig
-
-
-def tiny_config(**overrides):
-    settings = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8, sliding_window=4,
-                    layer_types=("sliding_attention", "full_attention"), max_position_embeddings=128)
-    return GemmaConfig(**{**settings, **overrides})
+from gemma import PRESETS
+from test_gemma import tiny_config
 
 
 def test_flops_per_token_counts_matmul_weights_six_times_and_attention_over_the_keys_each_query_sees():
     c = tiny_config(vocab_size=10, hidden_size=4, intermediate_size=8, num_attention_heads=2, num_key_value_heads=1,
-                    head_dim=2, sliding_window=2)
+                    head_dim=2, sliding_window=2, num_hidden_layers=2,
+                    layer_types=("sliding_attention", "full_attention"))
     # per layer: q 4x4, k 4x2, v 4x2, o 4x4 = 48, gate, up, down 3 x 4x8 = 96; two layers; the tied output layer 10 x 4
     weights = 2 * (48 + 96) + 40
     # T = 4: the sliding layer's queries see 1, 2, 2, 2 keys (window 2), the full layer's 1, 2, 3, 4
