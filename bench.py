@@ -7,6 +7,7 @@ process on the same machine, with the same configuration, batch and dtype.
     python bench.py --only train,generate        # some sections: train, generate, sliding, prepare
     python bench.py --out results.json           # the measured numbers as JSON too
     python bench.py --compile                    # also gemma.py under torch.compile (minutes of compiling on a CPU)
+    python bench.py --profile                    # where a 270m training step's time goes, in both models
     python bench.py --help                       # every option
 
 Sections: 1. a training step (forward + backward; the optimizer's step, the same torch code for both, is left out) in
@@ -115,6 +116,34 @@ def bench_train(preset, args, dtype):
             result[name] = dict(seconds=t, tokens_per_s=B * T / t, mfu=flops / t / peak, all_seconds=times[name])
     result["speedup"] = result["gemma.py"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     return result
+
+
+def profile_train(preset):
+    """Where one training step's time goes, for both models: the share of the matrix multiplies (and whether they are
+    the same calls), of the attention kernels, and of the rest; then torch.profiler's table of the top operations."""
+    B, T = SHAPES[preset]
+    model, reference = models(preset)
+    x, y = torch.randint(0, model.config.vocab_size, (2, B, T))
+    steps = {"gemma.py": lambda: model(x, y)[1].backward(),
+             "transformers": lambda: reference(input_ids=x, labels=y, use_cache=False).loss.backward()}
+    mm_calls = {}
+    for name, step in steps.items():
+        step()  # warm-up
+        with torch.profiler.profile(record_shapes=True) as prof:
+            step()
+        ops = prof.key_averages()
+        total = sum(op.self_cpu_time_total for op in ops)
+        mm = [op for op in ops if op.key == "aten::mm"]
+        attention = sum(op.self_cpu_time_total for op in ops if "scaled_dot_product" in op.key)
+        mm_calls[name] = sorted((str(op.input_shapes), op.count)
+                                for op in prof.key_averages(group_by_input_shape=True) if op.key == "aten::mm")
+        mm_time = sum(op.self_cpu_time_total for op in mm)
+        print(f"\n{name}, {preset}, {B} x {T} tokens: aten::mm {sum(op.count for op in mm)} calls, {mm_time / total:.0%} "
+              f"of the step; attention kernels {attention / total:.0%}; everything else "
+              f"{1 - (mm_time + attention) / total:.0%}")
+        print(ops.table(sort_by="self_cpu_time_total", row_limit=12))
+        model.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+    print(f"the same matrix multiplies (shapes and counts) in both: {mm_calls['gemma.py'] == mm_calls['transformers']}")
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +327,11 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time gemma.py's training step compiled")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--data", default=TINYSTORIES, help="the JSON-lines stories prepare.py is timed on")
+    parser.add_argument("--profile", action="store_true", help="instead of timing: where a training step's time goes "
+                        "(torch.profiler), for both models, on --preset (default 270m)")
     args = parser.parse_args(argv)
+    if args.profile:
+        return profile_train(args.preset or "270m")
     sections = args.only.split(",")
     if unknown := set(sections) - {"train", "generate", "sliding", "prepare"}:
         parser.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")

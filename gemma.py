@@ -325,7 +325,7 @@ class Gemma(nn.Module):
                compile=False):
         """Yield the next token of every row, (B,), one step at a time. temperature 0 is greedy; top_k keeps the k
         likeliest tokens; a row that emits eot_token keeps emitting it, and the stream stops once all rows have.
-        compile: torch.compile the one-token steps, fusing each layer's ~60 small operations (one graph for all lengths)."""
+        compile: torch.compile the one-token steps, fusing each layer's small operations (one graph for all lengths)."""
         if idx.size(1) + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"{idx.size(1)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
                              f"context of {self.config.max_position_embeddings}")

@@ -42,3 +42,12 @@ def test_quick_generation_on_a_tiny_config_runs_and_all_four_outputs_are_equal(t
     [r] = json.loads(out.read_text())["generate"]
     assert r["outputs_equal"] is True and r["new_tokens"] == 32  # 16 prompt + 32 new tokens: 8 times the window
     assert r["cache_speedup"] > 0 and r["speedup"] > 0 and r["compiled_speedup"] > 0 and r["compile_seconds"] > 0
+
+
+def test_profile_finds_the_same_matrix_multiplies_in_both_models(monkeypatch, capsys):
+    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
+    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))  # longer than the window of 4
+    bench.main(["--profile", "--preset", "tiny"])
+    out = capsys.readouterr().out
+    assert "the same matrix multiplies (shapes and counts) in both: True" in out
+    assert "gemma.py, tiny, 2 x 12 tokens: aten::mm" in out and "transformers, tiny, 2 x 12 tokens: aten::mm" in out
