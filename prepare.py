@@ -192,6 +192,28 @@ def write_meta(path, enc, counts):
     os.replace(path + ".tmp", path)
 
 
+# ----- Reading the token files back (gemma.py trains from them). ----------------------------------
+
+def load_tokens(data_dir, split, block_size, vocab_size):
+    """Check data_dir/split.bin once, thoroughly, so that a bad file fails before training starts,
+    with a hint, not mid-run. Returns its path and its number of tokens."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise PrepareError(f"no {path}: run `python prepare.py --data_dir {data_dir}` first "
+                           "(or pass --data_dir)")
+    if os.path.getsize(path) % 2:
+        raise PrepareError(f"{path} has an odd number of bytes, so it is not whole uint16 tokens: "
+                           "run prepare.py again")
+    data = np.memmap(path, dtype=np.uint16, mode="r") if os.path.getsize(path) else np.zeros(0)
+    if len(data) < block_size + 1:
+        raise PrepareError(f"{path} holds {len(data)} tokens, fewer than one block of {block_size}"
+                           " + 1: prepare more text or lower --block_size")
+    if int(data.max()) >= vocab_size:
+        raise PrepareError(f"{path} holds token id {int(data.max())}, beyond the vocabulary of "
+                           f"{vocab_size}: it was made with another tokenizer; run prepare.py again")
+    return path, len(data)
+
+
 # ----- Command line. ------------------------------------------------------------------------------
 
 def prepare(args):

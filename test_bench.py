@@ -3,13 +3,13 @@ test_bench.py: bench.py's logic, on tiny configurations, in seconds, with no tim
 
     python -m pytest test_bench.py
 """
-import json
+import json, statistics
 
 import pytest
 
 import bench
 from gemma import PRESETS
-from test_gemma import tiny_config
+from conftest import tiny_config
 
 
 def test_flops_per_token_counts_matmul_weights_six_times_and_attention_over_the_keys_each_query_sees():
@@ -35,13 +35,20 @@ def test_measurements_are_taken_in_turns_after_the_warm_up():
     assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
 
 
+@pytest.mark.slow
 def test_quick_generation_on_a_tiny_config_runs_and_all_four_outputs_are_equal(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
     out = tmp_path / "results.json"
     bench.main(["--quick", "--only", "generate", "--preset", "tiny", "--out", str(out)])
     [r] = json.loads(out.read_text())["generate"]
     assert r["outputs_equal"] is True and r["new_tokens"] == 32  # 16 prompt + 32 new tokens: 8 times the window
-    assert r["cache_speedup"] > 0 and r["speedup"] > 0 and r["compiled_speedup"] > 0 and r["compile_seconds"] > 0
+    # each reported ratio is the ratio of the two speeds it names, each speed new tokens / median seconds
+    for name in ("gemma.py cache", "gemma.py no cache", "gemma.py cache compiled", "transformers"):
+        assert r[name]["tokens_per_s"] == pytest.approx(32 / statistics.median(r[name]["all_seconds"]))
+    speed = {name: r[name]["tokens_per_s"] for name in r if isinstance(r[name], dict)}
+    assert r["cache_speedup"] == pytest.approx(speed["gemma.py cache"] / speed["gemma.py no cache"])
+    assert r["speedup"] == pytest.approx(speed["gemma.py cache"] / speed["transformers"])
+    assert r["compiled_speedup"] == pytest.approx(speed["gemma.py cache compiled"] / speed["transformers"])
 
 
 def test_profile_finds_the_same_matrix_multiplies_in_both_models(monkeypatch, capsys):
@@ -51,3 +58,21 @@ def test_profile_finds_the_same_matrix_multiplies_in_both_models(monkeypatch, ca
     out = capsys.readouterr().out
     assert "the same matrix multiplies (shapes and counts) in both: True" in out
     assert "gemma.py, tiny, 2 x 12 tokens: aten::mm" in out and "transformers, tiny, 2 x 12 tokens: aten::mm" in out
+
+
+def test_before_and_after_compares_two_revisions_with_the_same_weights(tmp_path, monkeypatch):
+    import dataclasses, gemma
+    (tmp_path / "gemma_before.py").write_text(open(gemma.__file__).read())  # this very revision, as a baseline
+    baseline = bench.load_baseline(str(tmp_path / "gemma_before.py"))
+    assert baseline.Gemma is not gemma.Gemma  # a module of its own
+    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
+    monkeypatch.setitem(baseline.PRESETS, "tiny", (baseline.GemmaConfig(**dataclasses.asdict(tiny_config())), {}))
+    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))
+    monkeypatch.setattr(bench, "load_baseline", lambda path: baseline)
+    out = tmp_path / "results.json"
+    bench.main(["--quick", "--baseline", "unused", "--preset", "tiny", "--out", str(out)])
+    [r] = json.loads(out.read_text())["baseline"]
+    assert r["greedy_tokens_equal"] is True and r["max_logit_difference"] == 0.0
+    for what in ("train", "generate"):
+        ratio = r[f"{what} after"]["tokens_per_s"] / r[f"{what} before"]["tokens_per_s"]
+        assert r[f"{what} after / before"] == pytest.approx(ratio)

@@ -1,0 +1,236 @@
+"""
+checkpoint.py: the state of a training run, so that it can stop at any moment and go on as if it
+had not: weights, optimizers, gradient scaler, every random-number generator, the position in the
+stream of batches, and the metrics logged so far; and what a machine does to a run: a signal to
+stop, a full disk, a device it lacks.
+
+    python gemma.py train --resume      # continue from out/ckpt.pt, exactly where it stopped
+    python -m pytest test_runs.py       # kills, resumes, bad input (slow: subprocesses)
+
+A checkpoint is written to a temporary file, flushed to disk and renamed over the old one, so a
+crash, a kill or a full disk at any moment leaves the old checkpoint or the new one, whole. It holds
+only tensors and plain values: torch.load(..., weights_only=True) reads it. This module never
+imports gemma.py.
+"""
+import errno, json, os, signal, sys
+
+import torch
+
+# fields of the model's configuration that a resumed run may change: they hold no weights
+ARCHITECTURE_FREE = {"max_position_embeddings"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one line, with no traceback and a non-zero exit."""
+
+
+def save(path, state):
+    """Write `state` to `path` atomically: a temporary file, flushed to disk, then renamed."""
+    tmp = path + ".tmp"
+    if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: fail the write, not the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    file = None
+    try:
+        with open(tmp, "wb") as f:
+            file = WriteErrors(f)
+            torch.save(state, file)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        e = file.error if file and file.error else e  # the write's own error, with its errno
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        what = "the disk is full" if full else f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"could not write {path} ({what}); the previous checkpoint there is "
+                        "intact: free some space, then continue with --resume") from None
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+class WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write, which torch.save itself
+    reports only as a RuntimeError about positions: ENOSPC (no space left), EFBIG (over a size
+    limit) and EDQUOT (over a quota) all mean that the disk is full for this run."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def load(out_dir):
+    """out_dir/ckpt.pt as a dict, or a UserError that says what to do."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train first (python gemma.py train), "
+                        "or pass --out_dir")
+    try:  # plain tensors and Python values only: weights_only refuses anything that runs code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(state, dict) and {"model", "model_config"} <= state.keys()
+    except Exception as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): it is damaged or truncated; "
+                        "delete it and train again") from None
+    state["model"] = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    return state
+
+
+def pick_device(name):
+    """auto: CUDA, then Apple's MPS, then the CPU; a device this machine lacks is a UserError."""
+    count = dict(cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()), cpu=1)
+    if name == "auto":
+        name = next(kind for kind, n in count.items() if n)
+    kind, _, index = name.partition(":")
+    if kind not in count or index and not (kind == "cuda" and index.isdigit()):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name}")
+    if int(index or 0) >= count[kind]:
+        raise UserError(f"--device {name}: this machine has no such device; use --device cpu "
+                        "(or auto)")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    """auto: bfloat16 on GPUs that have it; float16 (with a gradient scaler) on those that do not,
+    such as a T4, and on Apple silicon; float32 on the CPU, where bfloat16 is slower without AMX."""
+    if name == "auto" and device.type == "cuda":
+        name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif name == "auto":
+        name = "float16" if device.type == "mps" else "float32"
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype must be auto, bfloat16, float16 or float32, not {name}")
+    return getattr(torch, name)
+
+
+def start_processes(device_name):
+    """(rank, world size, device). Under torchrun, one process per GPU, or per CPU worker with
+    the gloo backend; rank 0 alone logs, evaluates and saves."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def rng_states(data_rng, device):
+    """Every random-number generator a run draws from."""
+    return dict(torch=torch.get_rng_state(), data=data_rng.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                mps=[torch.mps.get_rng_state()] if device.type == "mps" else [])
+
+
+def capture(model, optimizers, scaler, data_rng, device, step, best_val_loss, evaluated, configs):
+    """Everything a run needs to go on: `evaluated` says that this step's evaluation is done and
+    logged, so that a resumed run does not repeat it. configs: plain dicts of the two settings."""
+    return dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                scaler=scaler.state_dict(), step=step, best_val_loss=best_val_loss,
+                evaluated=evaluated, rng=rng_states(data_rng, device), **configs)
+
+
+def check_resumable(state, model_config, train_config, out_dir):
+    """Refuse, in one line, a resume that cannot give back the saved run: another architecture
+    (the fields named), or another optimizer (its state would not fit)."""
+    saved = state["model_config"]
+    changed = [k for k, v in model_config.items()
+               if k not in ARCHITECTURE_FREE and saved.get(k) != v]
+    if changed:
+        raise UserError(f"the checkpoint in {out_dir} has another architecture "
+                        f"({', '.join(changed)} differ): resume with its settings, "
+                        "or train into a new --out_dir")
+    was = state.get("train_config", {}).get("optimizer", train_config["optimizer"])
+    if was != train_config["optimizer"]:
+        raise UserError(f"the checkpoint in {out_dir} was trained with --optimizer {was}: resume "
+                        f"with it, or train into a new --out_dir")
+
+
+def restore(state, model, optimizers, scaler, data_rng, device):
+    """Load a captured state into a new run's objects; returns (step, best_val_loss, evaluated)."""
+    model.load_state_dict(state["model"])
+    for opt, saved in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(saved)
+    # a float16 run resumed from a float32 or bfloat16 one starts a fresh gradient scaler; the
+    # other way round the scaler is off and its saved state is not needed
+    if scaler.is_enabled() and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    data_rng.set_state(rng["data"])
+    if device.type == "cuda":  # as many GPUs as both machines have: fewer here is fine
+        for i, s in enumerate(rng.get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+    if device.type == "mps" and rng.get("mps"):
+        torch.mps.set_rng_state(rng["mps"][0])
+    return state["step"], state["best_val_loss"], state.get("evaluated", False)
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; a torn last line (a run killed while appending) is left out."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    return rows
+
+
+def truncate_metrics(path, step, evaluated):
+    """On resume: keep the rows logged up to the checkpoint's step (its evaluation only if it was
+    done) and forget the rest, which the resumed run is about to log again."""
+    def kept(row):
+        return row["step"] < step or (row["step"] == step and ("val_loss" not in row or evaluated))
+    rows = [r for r in read_metrics(path) if kept(r)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def log_metrics(path, step, tokens_per_step, **row):
+    """One JSON line of metrics.jsonl: the step, the tokens seen by then, and what was measured."""
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, **row)) + "\n")
+
+
+STOPS = []  # the signals received since stop_on_signals
+
+
+def stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM, which SLURM, Kubernetes and preemptible machines send before
+    they kill, no longer stop the process at once: training asks stop_requested() after each step,
+    saves, and exits."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: STOPS.append(signum))
+
+
+def stop_requested():
+    """0 while no signal came; else the exit status that reports it: 128 + its number."""
+    if not STOPS:
+        return 0
+    return 128 + (signal.SIGTERM if signal.SIGTERM in STOPS else signal.SIGINT)
+
+
+def save_and_exit(path, state, world):
+    """After a signal, every process at the same step: rank 0 saves (state None elsewhere), the
+    others wait for it, and all exit with the signal's status (130 for Ctrl-C, 143 for SIGTERM)."""
+    if state is not None:
+        save(path, state)
+        print(f"stopped: saved step {state['step']} to {path}; continue with --resume",
+              file=sys.stderr)
+    if world > 1:
+        torch.distributed.barrier()
+    sys.exit(stop_requested() or 130)

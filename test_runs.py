@@ -1,0 +1,364 @@
+"""
+test_runs.py: a run survives what a user or a machine does to it. Ctrl-C, SIGTERM, SIGKILL or a full
+disk at any moment, then --resume, gives the uninterrupted run's numbers; a mistake ends in one
+line, a non-zero exit and every file as it was; several processes give one process's numbers.
+Most tests here start processes, so they are marked slow.
+
+    python -m pytest test_runs.py
+"""
+import json, os, random, resource, shlex, signal, subprocess, sys, time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HERE, cli, generated_stories, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--preset", "small", "--block_size", "64", "--batch_size", "4", "--total_batch_size",
+        "512", "--eval_windows", "4", "--log_interval", "1", "--warmup_steps", "2",
+        "--hidden_size", "64", "--intermediate_size", "128", "--head_dim", "16",
+        "--sliding_window", "16"]
+
+
+def train(data_dir, out, *flags, check=True, env=None):
+    return cli("gemma.py", "train", *TINY, "--data_dir", data_dir, "--out_dir", out, *flags,
+               check=check, env=env)
+
+
+def start(data_dir, out, *flags, preexec_fn=None):
+    return subprocess.Popen([sys.executable, "gemma.py", "train", *TINY, "--data_dir",
+                             str(data_dir), "--out_dir", str(out), *flags], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
+
+
+def rows(out):
+    """metrics.jsonl's rows in order, without the one figure that differs run to run (speed)."""
+    with open(out / "metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
+
+
+def wait_for_step(out, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = out / "metrics.jsonl"
+        if path.exists() and any(line.startswith('{"step": ') and json.loads(line)["step"] >= step
+                                 for line in open(path) if line.endswith("\n")):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def saved_step(out):
+    return torch.load(out / "ckpt.pt", weights_only=True)["step"]
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl_c", "sigterm"])
+def test_a_run_stopped_by_a_signal_and_resumed_logs_exactly_the_uninterrupted_run(data_dir,
+                                                                                  tmp_path, sig,
+                                                                                  status):
+    steps = ["--max_steps", "10", "--eval_interval", "4"]
+    train(data_dir, tmp_path / "whole", *steps)
+    proc = start(data_dir, tmp_path / "split", *steps)
+    wait_for_step(tmp_path / "split", 3, proc)
+    proc.send_signal(sig)  # finishes the step under way, saves, exits
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status and "stopped: saved step" in err
+    assert 3 <= saved_step(tmp_path / "split") < 10
+    train(data_dir, tmp_path / "split", "--resume")  # the flags come back from the checkpoint
+    # row for row, in order: a step logged twice, or one missing, fails here
+    assert rows(tmp_path / "split") == rows(tmp_path / "whole")
+    assert [r["step"] for r in rows(tmp_path / "whole") if "train_loss" in r] == list(range(1, 11))
+
+
+def test_resuming_from_an_evaluation_checkpoint_neither_repeats_nor_rewrites_it(data_dir,
+                                                                                tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "4", "--eval_interval", "2")
+    before = rows(out)
+    saved = (out / "ckpt.pt").read_bytes()
+    result = train(data_dir, out, "--resume")  # the checkpoint of step 4's evaluation: done
+    assert "validation loss" not in result.stdout and (out / "ckpt.pt").read_bytes() == saved
+    assert rows(out) == before
+    train(data_dir, out, "--resume", "--max_steps", "6")
+    assert [r["step"] for r in rows(out) if "val_loss" in r] == [0, 2, 4, 6]
+
+
+def test_resume_may_change_the_step_count_but_refuses_another_architecture_naming_the_fields(
+        data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "2", "--eval_interval", "2")
+    before = (out / "ckpt.pt").read_bytes()
+    result = train(data_dir, out, "--resume", "--hidden_size", "96", "--num_hidden_layers", "3",
+                   check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    for field in ("hidden_size", "num_hidden_layers", "layer_types"):
+        assert field in result.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+    result = train(data_dir, out, "--resume", "--max_steps", "4")
+    assert "resuming at step 2" in result.stdout and "step 4/4" in result.stdout
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values(data_dir, tmp_path):
+    train(data_dir, tmp_path, "--max_steps", "1", "--optimizer", "muon", "--dtype", "float16")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # refuses anything else
+    assert set(ckpt) == {"model", "optimizers", "scaler", "model_config", "train_config", "step",
+                         "best_val_loss", "evaluated", "rng"}
+    assert len(ckpt["optimizers"]) == 2 and ckpt["scaler"]["scale"] > 0
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+def test_killing_training_at_random_moments_always_leaves_a_checkpoint_that_loads_and_resumes(
+        data_dir, tmp_path):
+    rng, out = random.Random(0), tmp_path / "out"
+    flags = ["--max_steps", "400", "--eval_interval", "1", "--eval_windows", "1"]  # save each step
+    proc = start(data_dir, out, *flags)
+    wait_for_step(out, 1, proc)
+    for kill in range(6):
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        step = saved_step(out)  # whole, whatever the kill interrupted
+        proc = start(data_dir, out, *flags, "--resume")
+        wait_for_step(out, step + 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_torn_last_line_of_metrics_does_not_stop_a_resume(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "2", "--eval_interval", "2")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "tokens": 15')  # a kill in the middle of an append
+    result = train(data_dir, out, "--resume", "--max_steps", "3")
+    assert "step 3/3" in result.stdout
+    assert [r["step"] for r in rows(out)] == [0, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("first,then", [("float32", "float16"), ("bfloat16", "float16"),
+                                        ("float16", "float32")])
+def test_resume_may_change_the_precision(data_dir, tmp_path, first, then):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1", "--dtype", first)
+    result = train(data_dir, out, "--resume", "--max_steps", "2", "--dtype", then)
+    assert "step 2/2" in result.stdout
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1", "--eval_interval", "1")
+    saved = (out / "ckpt.pt").read_bytes()
+    limit = len(saved) // 2  # the next checkpoint cannot be written whole
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = start(data_dir, out, "--resume", "--max_steps", "3", "--eval_interval", "1",
+                 preexec_fn=limit_file_size)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("gemma.py: error: could not write")
+    assert "the disk is full" in err and str(out / "ckpt.pt") in err
+    assert (out / "ckpt.pt").read_bytes() == saved and not (out / "ckpt.pt.tmp").exists()
+    result = train(data_dir, out, "--resume", "--max_steps", "3", "--eval_interval", "1")
+    assert "resuming at step 1" in result.stdout and "step 3/3" in result.stdout
+
+
+def test_a_loss_that_stops_being_finite_stops_training_and_keeps_the_last_checkpoint(data_dir,
+                                                                                     tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1", "--eval_interval", "1")
+    result = train(data_dir, out, "--resume", "--max_steps", "30", "--lr", "1e12",
+                   "--grad_clip", "0", "--warmup_steps", "0", check=False)
+    assert result.returncode == 1 and "the loss became" in result.stderr
+    assert "Traceback" not in result.stderr
+    last = torch.load(out / "ckpt.pt", weights_only=True)  # the last one before the loss broke
+    assert all(t.isfinite().all() for t in last["model"].values())
+
+
+def test_two_processes_give_the_losses_of_one_process_with_twice_the_accumulation(data_dir,
+                                                                                  tmp_path):
+    env = {"OMP_NUM_THREADS": "1"}
+    flags = ["--max_steps", "3", "--eval_interval", "3"]  # 512 tokens a step: 2 x 4 x 64
+    train(data_dir, tmp_path / "one", *flags, env=env)
+    two = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "gemma.py",
+              "train", *TINY, "--data_dir", data_dir, "--out_dir", tmp_path / "two", *flags,
+              env=env)
+    assert "2 process(es) x 1 micro-steps" in two.stdout
+    assert two.stdout.count("step 3/3") == 1  # rank 0 alone logs
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3, 3]
+    for a, b in zip(one, two):
+        for key in ("train_loss", "val_loss"):
+            assert abs(a.get(key, 0) - b.get(key, 0)) < 1e-5
+
+
+def test_a_signal_under_torchrun_stops_every_process_at_the_same_step(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "gemma.py", "train", *TINY, "--data_dir",
+                             str(data_dir), "--out_dir", str(out), "--max_steps", "400",
+                             "--eval_interval", "1000"], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends; torchrun passes it to each process
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("stopped: saved step") == 1
+    step = saved_step(out)
+    result = train(data_dir, out, "--resume", "--max_steps", str(step + 1))
+    assert f"resuming at step {step}" in result.stdout
+
+
+# ----- Bad input: one line, exit 1, nothing changed ------------------------------------------------
+
+
+def write_tokens(path, tokens):
+    np.asarray(tokens, dtype=np.uint16).tofile(path)
+
+
+def snapshot(*dirs):
+    return {p: p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def make_checkpoint(data, out):
+    train(data, out, "--max_steps", "1")
+
+
+BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one line must say)
+    "missing train.bin": (lambda d, o: (d / "train.bin").unlink(), [],
+                          "run `python prepare.py"),
+    "odd-sized train.bin": (lambda d, o: (d / "train.bin").write_bytes(b"abc"), [],
+                            "odd number of bytes"),
+    "empty validation.bin": (lambda d, o: (d / "validation.bin").write_bytes(b""), [],
+                             "fewer than one block"),
+    "too short validation.bin": (lambda d, o: write_tokens(d / "validation.bin", range(10)), [],
+                                 "fewer than one block"),
+    "train.bin is a directory": (lambda d, o: ((d / "train.bin").unlink(),
+                                               (d / "train.bin").mkdir()), [], "no "),
+    "tokens beyond the vocabulary": (lambda d, o: write_tokens(d / "train.bin", [1, 60000] * 99),
+                                     [], "beyond the vocabulary"),
+    "block size 0": (None, ["--block_size", "0"], "--block_size must be positive"),
+    "negative learning rate": (None, ["--lr", "-1"], "--lr must be positive"),
+    "learning rate nan": (None, ["--lr", "nan"], "--lr must be positive"),
+    "beta1 of 1": (None, ["--beta1", "1"], "--beta1 and --beta2 below 1"),
+    "batch not dividing": (None, ["--total_batch_size", "1000"], "is not a multiple"),
+    "unknown preset": (None, ["--preset", "huge"], "--preset must be one of"),
+    "unknown optimizer": (None, ["--optimizer", "sgd"], "--optimizer must be adamw or muon"),
+    "unknown dtype": (None, ["--dtype", "float8"], "--dtype must be"),
+    "sliding window 0": (None, ["--sliding_window", "0"], "--sliding_window must be positive"),
+    "odd head size": (None, ["--head_dim", "15"], "--head_dim must be even"),
+    "heads not sharing evenly": (None, ["--num_attention_heads", "3", "--num_key_value_heads",
+                                        "2"], "multiple of --num_key_value_heads"),
+    "zero layers": (None, ["--num_hidden_layers", "0"], "--num_hidden_layers must be positive"),
+    "no CUDA": (None, ["--device", "cuda"], "--device cuda: this machine has no such device"),
+    "no MPS": (None, ["--device", "mps"], "--device mps: this machine has no such device"),
+    "nonsense device": (None, ["--device", "gpu0"], "--device must be auto, cpu"),
+    "resume with nothing": (None, ["--resume"], "no checkpoint at"),
+    "resume a truncated checkpoint": (
+        lambda d, o: (make_checkpoint(d, o), (o / "ckpt.pt").write_bytes(
+            (o / "ckpt.pt").read_bytes()[:1000])), ["--resume"], "damaged or truncated"),
+    "resume another optimizer": (lambda d, o: make_checkpoint(d, o),
+                                 ["--resume", "--optimizer", "muon"], "--optimizer adamw"),
+    "resume another preset": (lambda d, o: make_checkpoint(d, o), ["--resume", "--preset", "270m"],
+                              "another architecture"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAINING)
+def test_bad_training_input_ends_in_one_line_exit_1_and_every_file_unchanged(case, data_dir,
+                                                                               tmp_path):
+    d, out = tmp_path / "data", tmp_path / "out"
+    d.mkdir()
+    out.mkdir()
+    for split in ("train", "validation"):
+        (d / f"{split}.bin").write_bytes((data_dir / f"{split}.bin").read_bytes())
+    damage, flags, message = BAD_TRAINING[case]
+    if damage:
+        damage(d, out)
+    files = snapshot(d, out)
+    result = train(d, out, *flags, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("gemma.py: error:") and result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
+    assert snapshot(d, out) == files  # nothing written, nothing lost
+
+
+def test_bad_sampling_input_ends_in_one_line_and_a_long_prompt_is_cropped_with_a_notice(
+        data_dir, tmp_path):
+    result = cli("gemma.py", "sample", "--out_dir", tmp_path / "nothing", check=False)
+    assert result.returncode == 1 and "no checkpoint" in result.stderr
+    assert result.stderr.count("\n") == 1
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1")
+    for flags, message in [(["--temperature", "-1"], "--temperature"),
+                           (["--num_samples", "0"], "--num_samples"),
+                           (["--device", "cuda"], "--device cuda"),
+                           (["--init_from", tmp_path / "nothing"], "no config.json")]:
+        result = cli("gemma.py", "sample", "--out_dir", out, *flags, check=False)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+    long_prompt = "Once upon a time " * 40  # 160 tokens; the context is 64
+    result = cli("gemma.py", "sample", "--out_dir", out, "--max_new_tokens", "10", long_prompt)
+    assert "10 new tokens after the prompt's last 54" in result.stderr
+    assert result.stdout.count("-" * 40) == 1
+    result = cli("gemma.py", "sample", "--out_dir", out)  # the default 300 tokens: more than fit
+    assert "new tokens after the prompt's last" in result.stderr and result.stdout.strip()
+
+
+def test_sampling_from_a_damaged_hugging_face_directory_ends_in_one_line(tmp_path):
+    from conftest import tiny_model
+    import hf
+    hf.export(tiny_model(vocab_size=50257), str(tmp_path))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    result = cli("gemma.py", "sample", "--init_from", tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "model.safetensors cannot be read" in result.stderr
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    result = cli("gemma.py", "sample", "--init_from", tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+
+
+def test_export_into_a_directory_that_cannot_be_made_ends_in_one_line(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1")
+    (tmp_path / "file").write_text("a file, not a directory")
+    result = cli("gemma.py", "export", "--out_dir", out, "--hf_dir", tmp_path / "file" / "hf",
+                 check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "could not write" in result.stderr
+    result = cli("gemma.py", "export", "--out_dir", tmp_path / "nothing", check=False)
+    assert result.returncode == 1 and "no checkpoint" in result.stderr
+
+
+def test_the_readme_cpu_quick_start_runs_as_written(tmp_path):
+    """The README's quick-start commands, with only the data paths changed (and the run cut to two
+    steps, to suit a test): a README that drifts from the code fails here."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    block = readme.split("## Quick start on a CPU")[1].split("```")[1]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    commands = [c for c in commands if c and c[0] != "pip"]
+    assert [c[:2] for c in commands] == [["python", "prepare.py"], ["python", "gemma.py"],
+                                         ["python", "gemma.py"], ["python", "plot.py"]]
+    write_jsonl(tmp_path / "train.jsonl", generated_stories(300))
+    write_jsonl(tmp_path / "validation.jsonl", generated_stories(30, seed=1))
+    data = ["--data_dir", str(tmp_path / "data")]
+    short = ["--max_steps", "2", "--eval_interval", "2", "--eval_windows", "2", "--batch_size", "4",
+             "--total_batch_size", "1024"]
+    outputs = []
+    for command in commands:
+        args = [a.replace("../shared/data/tinystories/", f"{tmp_path}/") for a in command[1:]]
+        args = [str(tmp_path / a) if a == "out-small" else a for a in args]
+        extra = {"prepare.py": data, "plot.py": ["-o", str(tmp_path / "loss.png")]}.get(args[0], [])
+        if args[:2] == ["gemma.py", "train"]:
+            extra = data + short
+        result = subprocess.run([sys.executable, *args, *extra], cwd=HERE, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, (command, result.stderr)
+        outputs.append(result.stdout)
+    assert outputs[2].startswith("Once upon a time") and (tmp_path / "loss.png").exists()
