@@ -48,13 +48,16 @@ def flops_per_token(c, T):
 
 
 def in_turns(runs, warmup, reps):
-    """Call each function of `runs` (name -> function) `warmup` times, then `reps` times in turns; seconds per call."""
+    """Call each function of `runs` (name -> function) `warmup` times, then `reps` times in turns; seconds per call.
+    The order of the turns alternates (a b, b a, a b, ...): on a CPU a step that follows another can run faster or
+    slower than the first (the allocator hands it memory the first one freed, with or without page faults), and
+    alternating gives each the same share of both places."""
     for _ in range(warmup):
         for run in runs.values():
             run()
     times = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
+    for rep in range(reps):
+        for name, run in (list(runs.items())[::-1] if rep % 2 else runs.items()):
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
@@ -408,7 +411,7 @@ def main(argv=None):
     if args.baseline:
         sections = []
         results["baseline"] = bench_baseline(args.baseline, [args.preset] if args.preset else ["270m", "small"],
-                                             reps=2 if args.quick else 5, new_tokens=16 if args.quick else 64)
+                                             reps=2 if args.quick else 6, new_tokens=16 if args.quick else 64)
     if "train" in sections:
         presets = [args.preset] if args.preset else ["270m", "small"]
         results["train"] = [bench_train(p, args, getattr(torch, args.dtype)) for p in presets]
