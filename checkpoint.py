@@ -179,7 +179,7 @@ def restore(state, model, optimizers, scaler, data_rng, device):
 def read_metrics(path):
     """The rows of a metrics.jsonl; a torn last line (a run killed while appending) is left out."""
     rows = []
-    if os.path.exists(path):
+    if os.path.isfile(path):
         with open(path) as f:
             for line in f:
                 try:
@@ -189,15 +189,28 @@ def read_metrics(path):
     return rows
 
 
-def truncate_metrics(path, step, evaluated):
-    """On resume: keep the rows logged up to the checkpoint's step (its evaluation only if it was
-    done) and forget the rest, which the resumed run is about to log again."""
+def must_be_new(out_dir):
+    """A new run (no --resume) into a folder that holds a checkpoint would overwrite it: refused."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(path):
+        raise UserError(f"{path} holds a run: continue it with --resume, or train into another "
+                        "--out_dir (or delete it)")
+
+
+def start_metrics(path, step, evaluated):
+    """Make the run's folder and its metrics.jsonl. On resume, keep the rows logged up to the
+    checkpoint's step (its evaluation only if it was done) and forget the rest, which the resumed
+    run is about to log again; a new run starts an empty file."""
     def kept(row):
         return row["step"] < step or (row["step"] == step and ("val_loss" not in row or evaluated))
     rows = [r for r in read_metrics(path) if kept(r)]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}): choose another --out_dir") from None
 
 
 def log_metrics(path, step, tokens_per_step, **row):

@@ -348,9 +348,9 @@ class TrainConfig:
 
     def check(self):
         zero_ok = ("seed", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "beta1")
-        for name, value in asdict(self).items():  # bool is not a number here; NaN fails
-            if type(value) in (int, float) and not (value > 0 or value == 0 and name in zero_ok):
-                raise UserError(f"--{name} must be positive, not {value}")
+        for k, v in asdict(self).items():  # a bool is not a number here; NaN and inf fail
+            if type(v) in (int, float) and not (0 < v < 2 ** 64 or v == 0 and k in zero_ok):
+                raise UserError(f"--{k} must be positive (and below 2^64), not {v}")
         if self.min_lr_ratio > 1 or max(self.beta1, self.beta2) >= 1:
             raise UserError("--min_lr_ratio must be at most 1, --beta1 and --beta2 below 1")
         if self.optimizer not in ("adamw", "muon"):
@@ -461,8 +461,7 @@ def train(c, model_config, ckpt=None):
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
     metrics = os.path.join(c.out_dir, "metrics.jsonl")
     if master:
-        os.makedirs(c.out_dir, exist_ok=True)
-        checkpoint.truncate_metrics(metrics, step if ckpt else 0, evaluated)
+        checkpoint.start_metrics(metrics, step if ckpt else 0, evaluated)  # makes out_dir too
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {device} "
               f"{str(dtype)[6:]} | {world} process(es) x {accum} micro-steps x {c.batch_size} x "
               f"{c.block_size} tokens" + (f" | resuming at step {step}" if ckpt else ""))
@@ -566,9 +565,9 @@ def sample(c):
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character: 1+ tokens
         print(text.decode(b"".join(map(tokenizer.decode_single_token_bytes, ids))), end="")
         with autocast:
-            for token in model.stream(torch.tensor([ids], device=device), new,
-                                      temperature=c.temperature, top_k=c.top_k or None,
-                                      eot_token=eot, seed=c.seed + i, compile=c.compile):
+            for token in model.stream(torch.tensor([ids], device=device), new, c.temperature,
+                                      c.top_k or None, eot, seed=(c.seed + i) % 2 ** 64,
+                                      compile=c.compile):  # any whole number is a seed
                 if token.item() != eot:
                     piece = tokenizer.decode_single_token_bytes(token.item())
                     print(text.decode(piece), end="", flush=True)
@@ -598,7 +597,8 @@ def train_configs(args):
     model_flags = {f.name: args.pop(f.name) for f in fields(GemmaConfig) if f.name in args}
     if args.get("preset", "270m") not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {args['preset']}")
-    ckpt = checkpoint.load(args.get("out_dir", "out")) if args.get("resume") else None
+    out_dir = args.get("out_dir", "out")  # a new run never overwrites an old one's checkpoint
+    ckpt = checkpoint.load(out_dir) if args.get("resume") else checkpoint.must_be_new(out_dir)
     if ckpt is not None:
         model_config = GemmaConfig(**ckpt["model_config"])
         c = TrainConfig(**ckpt["train_config"])

