@@ -4,6 +4,7 @@
 #   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each, then equal tokens and equal wall-clock
 #   bash experiments.sh small       # the CPU recipe (about 25 minutes on 2 quiet cores): the small preset, its curve and three stories
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
+#   bash experiments.sh baseline    # this gemma.py against the one before the speedups/checkpoint split
 # Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -79,8 +80,12 @@ small)
 bench)
     python bench.py --compile --out assets/bench_cpu.json
     ;;
+baseline)
+    mkdir -p runs && git show 65969a6:gemma.py > runs/gemma_before.py  # the last one-file gemma.py
+    python bench.py --baseline runs/gemma_before.py --out assets/bench_before_after.json
+    ;;
 *)
-    sed -n '2,7p' "$0"
+    sed -n '2,8p' "$0"
     exit 2
     ;;
 esac
