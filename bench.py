@@ -20,7 +20,7 @@ Timings: warm-up runs, then the median of several, taken in turns (gemma.py, tra
 other processes on the machine slow both alike. The load average is printed: with other work on a 2-core machine,
 two threads wait on each other at every operation, and `--threads 1` gives steadier figures.
 """
-import argparse, contextlib, io, json, os, platform, statistics, tempfile, time
+import argparse, contextlib, io, json, math, os, platform, statistics, tempfile, time
 
 import torch
 
@@ -28,8 +28,56 @@ from gemma import PRESETS, Block, Gemma, rotary_embedding
 
 TINYSTORIES = "/work/shared/data/tinystories/train.jsonl"  # read in place, never copied into the repository
 TARGETS = dict(train_speedup=1.3, train_mfu=0.5, cache_speedup=5.0, generate_speedup=1.5, sliding_growth=2.3,
-               prepare_fraction=0.8)
-SHAPES = {"270m": (1, 1024), "small": (16, 256)}  # training batch x tokens: longer than the window, so layers slide
+               prepare_fraction=0.8, gpu_train_mfu=0.45, gpu_train_speedup=2.0)
+SHAPES = {"270m": (1, 1024), "small": (16, 256)}  # training batch x tokens on a CPU: longer than the window
+GPU_SHAPES = {"270m": (16, 1024), "small": (64, 256)}  # on a GPU, batches that fill it
+# Dense (no sparsity) tensor-core peaks from each card's datasheet, FLOP/s, by dtype; float32 is TF32 where the
+# card has it (what torch uses for float32 matmuls with torch.backends.cuda.matmul.allow_tf32).
+DATASHEET = {
+    "H100 SXM": dict(bfloat16=989e12, float16=989e12, float32=494e12),
+    "H100 PCIe": dict(bfloat16=756e12, float16=756e12, float32=378e12),
+    "H200": dict(bfloat16=989e12, float16=989e12, float32=494e12),
+    "A100": dict(bfloat16=312e12, float16=312e12, float32=156e12),
+    "L4": dict(bfloat16=121e12, float16=121e12, float32=60e12),
+    "T4": dict(float16=65e12, float32=8.1e12),  # no bfloat16 tensor cores
+    "RTX 4090": dict(bfloat16=165e12, float16=165e12, float32=82.6e12),
+}
+DTOLERANCE = dict(float32=1e-4, bfloat16=5e-2, float16=1e-2)  # |logits difference| / max |logit| that is equal
+
+
+def card(device_name):
+    """The datasheet entry of a GPU from the name CUDA gives it, e.g. "NVIDIA H100 80GB HBM3" (the SXM card),
+    "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Tesla T4": (card, peaks) or ("unknown", {})."""
+    name = device_name.upper()
+    for key, test in [("H200", "H200" in name), ("H100 PCIe", "H100" in name and "PCIE" in name),
+                      ("H100 SXM", "H100" in name), ("A100", "A100" in name), ("L4", name.endswith(" L4")),
+                      ("T4", name.endswith("T4")), ("RTX 4090", "4090" in name)]:
+        if test:
+            return key, DATASHEET[key]
+    return "unknown", {}
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def synchronize(device):
+    """Wait for the device's queued work: a GPU's calls return before its kernels finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    """Bytes: the most the caching allocator held since the last reset (CUDA); None on a CPU, where no allocator keeps
+    the count (the process's maximum resident size would include everything before)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def flops_per_token(c, T):
@@ -47,77 +95,98 @@ def flops_per_token(c, T):
     return 6 * matmul_weights + 12 * keys * c.head_dim * c.num_attention_heads
 
 
-def in_turns(runs, warmup, reps):
-    """Call each function of `runs` (name -> function) `warmup` times, then `reps` times in turns; seconds per call.
-    The order of the turns alternates (a b, b a, a b, ...): on a CPU a step that follows another can run faster or
-    slower than the first (the allocator hands it memory the first one freed, with or without page faults), and
-    alternating gives each the same share of both places."""
+def in_turns(runs, warmup, reps, device=torch.device("cpu")):
+    """Call each function of `runs` (name -> function) `warmup` times, then `reps` times in turns; seconds per call,
+    the device's queued work included. The order of the turns alternates (a b, b a, a b, ...): on a CPU a step that
+    follows another can run faster or slower than the first (the allocator hands it memory the first one freed, with
+    or without page faults), and alternating gives each the same share of both places."""
     for _ in range(warmup):
         for run in runs.values():
             run()
     times = {name: [] for name in runs}
     for rep in range(reps):
         for name, run in (list(runs.items())[::-1] if rep % 2 else runs.items()):
+            synchronize(device)
             t0 = time.perf_counter()
             run()
+            synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def matmul_peak(dtype, n=2048):
+def matmul_peak(dtype, device=torch.device("cpu"), n=None):
     """One sample of the matrix-multiply peak in FLOP/s: the best of three n x n x n products."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    # float16 matmuls on a CPU have no fast kernel: a small product, or the measurement takes minutes
+    n = n or (8192 if device.type == "cuda" else 256 if dtype == torch.float16 else 2048)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     best = float("inf")
     for _ in range(3):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
 
-def models(preset, seed=0):
+def models(preset, device=torch.device("cpu"), seed=0):
     """gemma.py's model and transformers' with the same weights, in train mode; transformers with its sdpa attention."""
     from hf import to_transformers
     torch.manual_seed(seed)
     model = Gemma(PRESETS[preset][0]).train()
     reference = to_transformers(model)
-    reference.set_attn_implementation("sdpa")  # its fastest attention on a CPU
-    return model, reference.train()
+    reference.set_attn_implementation("sdpa")  # its fastest attention, on a CPU and a GPU
+    return model.to(device), reference.train().to(device)
+
+
+def relative_difference(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 # -----------------------------------------------------------------------------
 # 1. Training step
 
 
-def bench_train(preset, args, dtype):
-    B, T = SHAPES[preset]
-    model, reference = models(preset)
+def bench_train(preset, args, dtype, device=torch.device("cpu")):
+    """Forward + backward of one batch (the optimizer's step, the same torch code for both, is left out), in turns:
+    gemma.py, transformers with the same weights, gemma.py compiled (--compile) and the matmul peak. float16 runs
+    with its gradient scaler, as training does; bfloat16 and float16 under autocast, float32 weights."""
+    B, T = (GPU_SHAPES if device.type == "cuda" else SHAPES)[preset]
+    model, reference = models(preset, device)
     torch.manual_seed(1)
-    x, y = torch.randint(0, model.config.vocab_size, (2, B, T))
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    x, y = torch.randint(0, model.config.vocab_size, (2, B, T), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     with torch.no_grad(), autocast:
-        parity = (model(x)[0].float() - reference(input_ids=x).logits.float()).abs().max().item()
+        parity = relative_difference(model(x)[0], reference(input_ids=x).logits)
 
     def step(m, hf=False):
         def run():
             with autocast:
                 loss = m(input_ids=x, labels=y, use_cache=False).loss if hf else m(x, y)[1]
-            loss.backward()  # transformers shifts the labels itself: it scores T - 1 positions, gemma.py T
+            scaler.scale(loss).backward()  # transformers shifts the labels itself: it scores T - 1 positions
             m.zero_grad(set_to_none=True)
         return run
     peaks = []
     runs = {"gemma.py": step(model), "transformers": step(reference, hf=True),
-            "peak": lambda: peaks.append(matmul_peak(dtype))}  # the peak, in turns too
+            "peak": lambda: peaks.append(matmul_peak(dtype, device))}  # the peak, in turns too
     if args.compile:
         runs["gemma.py compiled"] = step(torch.compile(model))
-    times = in_turns(runs, warmup=1, reps=1 if args.quick else 4)
+    times = in_turns(runs, warmup=1, reps=1 if args.quick else 4, device=device)
     peak, flops = statistics.median(peaks[-len(times["gemma.py"]):]), flops_per_token(model.config, T) * B * T
-    result = dict(preset=preset, batch=B, tokens=T, dtype=str(dtype)[6:], peak_flops=peak, flops_per_step=flops,
-                  max_logit_difference=parity)
+    name, datasheet = card(torch.cuda.get_device_name(device)) if device.type == "cuda" else ("cpu", {})
+    result = dict(preset=preset, batch=B, tokens=T, dtype=str(dtype)[6:], device=str(device), card=name,
+                  peak_flops=peak, datasheet_flops=datasheet.get(str(dtype)[6:]), flops_per_step=flops,
+                  logits_relative_difference=parity, logits_equal=parity <= DTOLERANCE[str(dtype)[6:]])
     for name in runs:
         if name != "peak":
             t = statistics.median(times[name])
-            result[name] = dict(seconds=t, tokens_per_s=B * T / t, mfu=flops / t / peak, all_seconds=times[name])
+            reset_peak_memory(device)
+            runs[name]()  # once more, for its peak memory alone
+            result[name] = dict(seconds=t, tokens_per_s=B * T / t, mfu=flops / t / peak, all_seconds=times[name],
+                                peak_memory=peak_memory(device))
+            if result["datasheet_flops"]:
+                result[name]["mfu_datasheet"] = flops / t / result["datasheet_flops"]
     result["speedup"] = result["gemma.py"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     return result
 
@@ -154,14 +223,15 @@ def profile_train(preset):
 # 2. Generation
 
 
-def bench_generate(preset, new_tokens, reps, prompt_tokens=16):
-    """Greedy generation of `new_tokens` tokens after a random prompt: gemma.py with its cache (ring buffers for the
-    sliding layers), gemma.py recomputing the whole sequence every token, and transformers' generate."""
-    model, reference = models(preset)
-    model.eval(), reference.eval()
+def bench_generate(preset, new_tokens, reps, prompt_tokens=16, device=torch.device("cpu"), dtype=torch.float32):
+    """Greedy generation of `new_tokens` tokens after a random prompt, weights in `dtype`: gemma.py with its cache (ring
+    buffers for the sliding layers), eager and compiled, gemma.py recomputing the whole sequence every token, and
+    transformers' generate with the same weights."""
+    model, reference = models(preset, device)
+    model, reference = model.to(dtype).eval(), reference.to(dtype).eval()
     torch.manual_seed(2)
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens))
-    outputs = {}
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=device)
+    outputs, peaks = {}, {}
 
     def generate(name, use_cache=True, tokens=new_tokens):
         def run():
@@ -176,18 +246,24 @@ def bench_generate(preset, new_tokens, reps, prompt_tokens=16):
     runs = {"gemma.py cache": generate("gemma.py cache"), "transformers": generate("transformers"),
             "gemma.py cache compiled": generate("gemma.py cache compiled")}
     t0 = time.perf_counter()  # compiling happens on the first call, and is timed apart from the generation
-    in_turns({"gemma.py cache compiled": generate("gemma.py cache compiled", tokens=4)}, 1, 0)
+    in_turns({"gemma.py cache compiled": generate("gemma.py cache compiled", tokens=4)}, 1, 0, device)
     compile_seconds = time.perf_counter() - t0
     in_turns({n: generate(n, n != "gemma.py no cache", tokens=4)  # warm up the others
-              for n in ("gemma.py cache", "transformers", "gemma.py no cache")}, 1, 0)
-    times = in_turns(runs, warmup=0, reps=reps)
-    times.update(in_turns({"gemma.py no cache": generate("gemma.py no cache", use_cache=False)}, 0, 1))  # long: once
+              for n in ("gemma.py cache", "transformers", "gemma.py no cache")}, 1, 0, device)
+    times = in_turns(runs, warmup=0, reps=reps, device=device)
+    times.update(in_turns({"gemma.py no cache": generate("gemma.py no cache", use_cache=False)}, 0, 1, device))
+    for name in runs:  # once more each, for its peak memory alone
+        reset_peak_memory(device)
+        runs[name]()
+        peaks[name] = peak_memory(device)
     reference_output = outputs["gemma.py cache"]
     result = dict(preset=preset, prompt_tokens=prompt_tokens, new_tokens=new_tokens, compile_seconds=compile_seconds,
+                  dtype=str(dtype)[6:], device=str(device),
                   outputs_equal=all(torch.equal(o, reference_output) for o in outputs.values())
                   and reference_output.shape[1] == prompt_tokens + new_tokens)
     for name, t in times.items():
-        result[name] = dict(seconds=statistics.median(t), tokens_per_s=new_tokens / statistics.median(t), all_seconds=t)
+        result[name] = dict(seconds=statistics.median(t), tokens_per_s=new_tokens / statistics.median(t), all_seconds=t,
+                            peak_memory=peaks.get(name))
     result["cache_speedup"] = result["gemma.py cache"]["tokens_per_s"] / result["gemma.py no cache"]["tokens_per_s"]
     result["speedup"] = result["gemma.py cache"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     result["compiled_speedup"] = result["gemma.py cache compiled"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
@@ -198,23 +274,88 @@ def bench_generate(preset, new_tokens, reps, prompt_tokens=16):
 # 3. A sliding layer's cost as the sequence grows
 
 
-def bench_sliding(preset, lengths, reps):
+def bench_sliding(preset, lengths, reps, device=torch.device("cpu"), dtype=torch.float32):
+    """A sliding layer's forward + backward as the sequence doubles: the blocked attention (eager, any device) and, on
+    CUDA, FlexAttention with its block mask (compiled). Both must grow linearly: their cost is T x window."""
+    import speedups
     config = PRESETS[preset][0]
     torch.manual_seed(3)
-    layer = Block(config, "sliding_attention")
+    layer = Block(config, "sliding_attention").to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    compiled = torch.compile(layer) if device.type == "cuda" else None  # FlexAttention has no CPU backward
 
-    def forward_backward(T):
-        x = torch.randn(1, T, config.hidden_size, requires_grad=True)
-        cos, sin = rotary_embedding(torch.arange(T), config.head_dim, config.rope_local_base_freq)
+    def forward_backward(T, flex=False):
+        x = torch.randn(1, T, config.hidden_size, requires_grad=True, device=device)
+        cos, sin = rotary_embedding(torch.arange(T, device=device), config.head_dim, config.rope_local_base_freq)
+        mask = speedups.sliding_block_mask(T, config.sliding_window, device) if flex else None
 
         def run():
-            layer(x, cos, sin).sum().backward()
+            with autocast:
+                out = compiled(x, cos, sin, mask=mask) if flex else layer(x, cos, sin)
+            out.float().sum().backward()
             layer.zero_grad(set_to_none=True)
         return run
-    times = in_turns({T: forward_backward(T) for T in lengths}, warmup=1, reps=reps)
-    seconds = {T: statistics.median(t) for T, t in times.items()}
-    return dict(preset=preset, window=config.sliding_window, seconds=seconds,
-                growth={T: seconds[T] / seconds[T // 2] for T in lengths if T // 2 in seconds})
+    runs = {("blocked", T): forward_backward(T) for T in lengths}
+    if compiled is not None:
+        runs.update({("flex", T): forward_backward(T, flex=True) for T in lengths})
+    times = in_turns(runs, warmup=1, reps=reps, device=device)
+    result = dict(preset=preset, window=config.sliding_window, device=str(device), dtype=str(dtype)[6:])
+    for kernel in sorted({k for k, _ in runs}):
+        seconds = {T: statistics.median(t) for (k, T), t in times.items() if k == kernel}
+        result[kernel] = dict(seconds=seconds, growth={T: seconds[T] / seconds[T // 2] for T in seconds
+                                                       if T // 2 in seconds})
+    result["seconds"], result["growth"] = result["blocked"]["seconds"], result["blocked"]["growth"]
+    return result
+
+
+# -----------------------------------------------------------------------------
+# 6. Generation against the memory bandwidth: one token reads every weight once
+
+
+def memory_bandwidth(device, megabytes=512, reps=5):
+    """Bytes per second of a large copy (each byte read once and written once), the best of `reps`."""
+    x = torch.ones(megabytes * 2 ** 20 // 4, device=device)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * x.element_size() / best
+
+
+def bench_decode(preset, new_tokens, reps, device=torch.device("cpu"), dtypes=(torch.float32, torch.bfloat16)):
+    """Greedy generation with the cache, weights in float32 and in bfloat16, eager and compiled, as a fraction of the
+    limit the memory sets: weight bytes x tokens/s / bandwidth (one token reads every weight once)."""
+    bandwidth = memory_bandwidth(device)
+    result = dict(preset=preset, device=str(device), new_tokens=new_tokens, bandwidth=bandwidth, runs={})
+    torch.manual_seed(0)
+    base = Gemma(PRESETS[preset][0]).eval()
+    prompt = torch.randint(0, base.config.vocab_size, (1, 16), device=device)
+    runs, outputs = {}, {}
+    for dtype in dtypes:
+        model = Gemma(base.config).to(device, dtype).eval()
+        model.load_state_dict(base.state_dict())
+        for compiled in (False, True):
+            name = f"{str(dtype)[6:]}{' compiled' if compiled else ''}"
+
+            def run(model=model, compiled=compiled, name=name):
+                with torch.no_grad():
+                    outputs[name] = model.generate(prompt, new_tokens, temperature=0, compile=compiled)
+            runs[name] = run
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            result["runs"][name] = dict(dtype=str(dtype)[6:], compiled=compiled, weight_bytes=weight_bytes)
+    times = in_turns(runs, warmup=1, reps=reps, device=device)
+    for name, t in times.items():
+        r = result["runs"][name]
+        r.update(tokens_per_s=new_tokens / statistics.median(t), all_seconds=t)
+        r["fraction_of_bandwidth"] = r["weight_bytes"] * r["tokens_per_s"] / bandwidth
+    speed = {name: r["tokens_per_s"] for name, r in result["runs"].items()}
+    result["bfloat16_speedup"] = max(speed.get("bfloat16", 0), speed.get("bfloat16 compiled", 0)) / max(
+        speed.get("float32", 1e-9), speed.get("float32 compiled", 1e-9))
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -297,6 +438,87 @@ def bench_baseline(path, presets, reps, new_tokens):
 
 
 # -----------------------------------------------------------------------------
+# 7. The acceptance run: everything a user does on a fresh GPU machine, in about ten minutes on one H100
+
+
+def run_rows(out_dir):
+    """metrics.jsonl's rows, without the one figure that differs from run to run (speed)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
+
+
+def acceptance(device, data_dir, work_dir, preset="270m", steps=200, train_flags=(), bench_args=(), stop_at=None):
+    """1) bench.py's sections on `preset`; 2) training on data_dir for `steps` steps (bfloat16 and compiled on a GPU, by
+    the defaults), the loss falling; 3) the same run interrupted with Ctrl-C at `stop_at` and resumed, compared row for
+    row with the uninterrupted one; 4) a few float16 steps with the gradient scaler; 5) a story sampled from the
+    result. Returns the figures and a pass or a miss for each."""
+    import signal, subprocess, sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    stop_at = stop_at or steps // 2
+    common = ["gemma.py", "train", "--preset", preset, "--data_dir", data_dir, "--device", str(device),
+              "--max_steps", str(steps), "--eval_interval", str(max(1, steps // 4)), *train_flags]
+    result = dict(device=str(device), preset=preset, steps=steps)
+    t0 = time.time()
+    result["bench"] = main(["--device", str(device), "--preset", preset, "--compile", "--quick",
+                            "--only", "train,generate,sliding,decode", *bench_args])
+    result["bench_seconds"] = time.time() - t0
+
+    def train(out, *flags):
+        t = time.time()
+        done = subprocess.run([sys.executable, *common, "--out_dir", out, *flags], cwd=here, capture_output=True,
+                              text=True)
+        return done, time.time() - t
+    whole, split = os.path.join(work_dir, "whole"), os.path.join(work_dir, "split")
+    done, seconds = train(whole)
+    rows = run_rows(whole) if done.returncode == 0 else []
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    speed = [json.loads(line)["tokens_per_s"] for line in open(os.path.join(whole, "metrics.jsonl"))
+             if "tokens_per_s" in line][1:] if rows else []  # the first step compiles
+    result["train"] = dict(ok=done.returncode == 0, seconds=seconds, val_loss=val, loss_falling=len(val) > 1 and
+                           val[-1] < val[0], tokens_per_s=statistics.median(speed) if speed else None,
+                           error=done.stderr.strip().splitlines()[-1:] if done.returncode else None)
+    proc = subprocess.Popen([sys.executable, *common, "--out_dir", split], cwd=here, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(split, "metrics.jsonl")
+    while proc.poll() is None and not (os.path.exists(metrics) and f'"step": {stop_at},' in open(metrics).read()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the step under way finishes, is saved, and the run stops
+    proc.communicate()
+    resumed, _ = train(split, "--resume")
+    split_rows = run_rows(split) if resumed.returncode == 0 else []
+    losses = [(a.get("train_loss", a.get("val_loss")), b.get("train_loss", b.get("val_loss")))
+              for a, b in zip(rows, split_rows)]
+    result["resume"] = dict(ok=resumed.returncode == 0, interrupted_status=proc.returncode,
+                            bit_for_bit=bool(rows) and rows == split_rows,
+                            max_loss_difference=max((abs(a - b) for a, b in losses), default=None))
+    done, seconds = train(os.path.join(work_dir, "float16"), "--dtype", "float16", "--max_steps", "10",
+                          "--eval_interval", "10")
+    rows16 = run_rows(os.path.join(work_dir, "float16")) if done.returncode == 0 else []
+    result["float16"] = dict(ok=done.returncode == 0, seconds=seconds, finite=all(
+        math.isfinite(r.get("train_loss", r.get("val_loss", 0))) for r in rows16) and bool(rows16))
+    sample = subprocess.run([sys.executable, "gemma.py", "sample", "--out_dir", whole, "--device", str(device),
+                             "--max_new_tokens", "100", "--seed", "1"], cwd=here, capture_output=True, text=True)
+    result["sample"] = dict(ok=sample.returncode == 0, text=sample.stdout.split("-" * 40)[0].strip())
+    result["passed"] = all([result["train"]["ok"], result["train"]["loss_falling"], result["resume"]["bit_for_bit"],
+                            result["float16"]["finite"], result["sample"]["ok"]])
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def report_acceptance(r):
+    t, s, f = r["train"], r["resume"], r["float16"]
+    print(f"acceptance run on {r['device']} ({r['preset']}, {r['steps']} steps): {r['seconds']:.0f} s, "
+          f"{'PASSED' if r['passed'] else 'FAILED'}")
+    print(f"- bench.py sections: {r['bench_seconds']:.0f} s")
+    print(f"- training: {'ok' if t['ok'] else t['error']}; validation loss {' -> '.join(f'{v:.3f}' for v in t['val_loss'])}"
+          f" (falling: {t['loss_falling']}); {t['tokens_per_s'] or 0:,.0f} tokens/s; {t['seconds']:.0f} s")
+    print(f"- Ctrl-C then --resume: exit {s['interrupted_status']}, every row equal to the uninterrupted run's: "
+          f"{s['bit_for_bit']} (largest loss difference {s['max_loss_difference']})")
+    print(f"- float16 with the gradient scaler, 10 steps: {'ok' if f['ok'] else 'failed'}, losses finite: {f['finite']}")
+    print(f"- sample: {r['sample']['text'][:300]!r}")
+
+
+# -----------------------------------------------------------------------------
 # Report
 
 
@@ -305,42 +527,63 @@ def mark(value, target, at_most=False):
     return f"{'<=' if at_most else '>='} {target:g} {'pass' if ok else 'MISS'}"
 
 
-def machine():
+def machine(device=torch.device("cpu")):
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
     import transformers
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                transformers=transformers.__version__, python=platform.python_version(),
+                transformers=transformers.__version__, python=platform.python_version(), gpu=gpu,
+                card=card(gpu)[0] if gpu else None, cpu_bfloat16=any(f in flags for f in ("avx512_bf16", "amx_bf16")),
                 load_average_before=os.getloadavg()[0])  # other processes' work: above 0.5, expect noisier figures
+
+
+def megabytes(n):
+    return "" if n is None else f"{n / 2 ** 20:,.0f} MB"
 
 
 def report(results):
     m = results["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
-          f"transformers {m['transformers']}, Python {m['python']}; load average {m['load_average_before']:.1f} before, "
-          f"{results['load_average_after']:.1f} after (other processes: 0 on an idle machine)\n")
+    print(f"\n{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['gpu'] or 'no GPU'}, torch "
+          f"{m['torch']}, transformers {m['transformers']}, Python {m['python']}; load average "
+          f"{m['load_average_before']:.1f} before, {results['load_average_after']:.1f} after (other processes: 0 on an "
+          f"idle machine)\n")
     if "train" in results:
         print("| training step (forward + backward) | gemma.py | transformers (sdpa) | gemma.py / transformers | target |")
         print("| --- | ---: | ---: | ---: | --- |")
         for r in results["train"]:
             g, h = r["gemma.py"], r["transformers"]
-            what = f"{r['preset']}, {r['batch']} x {r['tokens']} tokens, {r['dtype']}"
+            gpu = r["device"].startswith("cuda")
+            what = f"{r['preset']}, {r['batch']} x {r['tokens']} tokens, {r['dtype']}, {r['device']}"
+            speed_target, mfu_target = (TARGETS["gpu_train_speedup"], TARGETS["gpu_train_mfu"]) if gpu else (
+                TARGETS["train_speedup"], TARGETS["train_mfu"])
+            best = max((r[n] for n in ("gemma.py", "gemma.py compiled") if n in r), key=lambda x: x["tokens_per_s"])
             print(f"| {what}: tokens/s | {g['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | "
-                  f"{r['speedup']:.2f} x | {mark(r['speedup'], TARGETS['train_speedup'])} |")
-            print(f"| {what}: model FLOPs utilisation | {g['mfu']:.0%} | {h['mfu']:.0%} | | "
-                  + (f"{mark(g['mfu'], TARGETS['train_mfu'])} |" if r["preset"] == "270m" else "|"))
+                  f"{r['speedup']:.2f} x | {mark(best['tokens_per_s'] / h['tokens_per_s'], speed_target)} |")
+            print(f"| {what}: MFU of the measured matmul peak | {g['mfu']:.0%} | {h['mfu']:.0%} | | "
+                  + (f"{mark(best['mfu'], TARGETS['train_mfu'])} |" if r["preset"] == "270m" and not gpu else "|"))
+            if r["datasheet_flops"]:
+                print(f"| {what}: MFU of the {r['card']}'s datasheet peak | {g['mfu_datasheet']:.0%} | "
+                      f"{h['mfu_datasheet']:.0%} | | " + (f"{mark(best['mfu_datasheet'], mfu_target)} |"
+                                                         if r["preset"] == "270m" else "|"))
+            if g["peak_memory"] is not None:
+                print(f"| {what}: peak memory | {megabytes(g['peak_memory'])} | {megabytes(h['peak_memory'])} | | |")
             if "gemma.py compiled" in r:
                 c = r["gemma.py compiled"]
                 print(f"| {what}: gemma.py compiled, tokens/s (MFU) | {c['tokens_per_s']:,.0f} ({c['mfu']:.0%}) | | "
                       f"{c['tokens_per_s'] / h['tokens_per_s']:.2f} x | |")
         for r in results["train"]:
-            print(f"\n{r['preset']}: {r['flops_per_step'] / 1e9:,.1f} GFLOP a step; measured {r['dtype']} matmul peak "
-                  f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s; max |logits difference| {r['max_logit_difference']:.1e}", end="")
+            print(f"\n{r['preset']}, {r['dtype']}: {r['flops_per_step'] / 1e9:,.1f} GFLOP a step; measured matmul peak "
+                  f"{r['peak_flops'] / 1e12:,.2f} TFLOP/s" + (f", datasheet {r['datasheet_flops'] / 1e12:,.0f} TFLOP/s "
+                                                             f"({r['card']})" if r["datasheet_flops"] else "")
+                  + f"; logits equal within the dtype's tolerance: {r['logits_equal']} "
+                  f"(relative difference {r['logits_relative_difference']:.1e})", end="")
         print("\n")
     for r in results.get("generate", []):
-        print(f"| greedy generation, {r['preset']}, {r['prompt_tokens']} prompt + {r['new_tokens']} new tokens "
-              f"| tokens/s | ratio | target |")
+        print(f"| greedy generation, {r['preset']}, {r['prompt_tokens']} prompt + {r['new_tokens']} new tokens, "
+              f"{r['dtype']} weights, {r['device']} | tokens/s | ratio | target |")
         print("| --- | ---: | ---: | --- |")
         print(f"| gemma.py with the cache | {r['gemma.py cache']['tokens_per_s']:.1f} | | |")
         print(f"| gemma.py without it | {r['gemma.py no cache']['tokens_per_s']:.1f} | cache / no cache "
@@ -350,18 +593,34 @@ def report(results):
         print(f"| transformers generate (sdpa, its cache) | {r['transformers']['tokens_per_s']:.1f} | gemma.py / "
               f"transformers {r['speedup']:.2f} x; compiled {r['compiled_speedup']:.2f} x | "
               f"{mark(max(r['speedup'], r['compiled_speedup']), TARGETS['generate_speedup'])} |")
+        memory = r["gemma.py cache"]["peak_memory"]
         print(f"\noutputs equal (all four, {r['new_tokens']} tokens each): {r['outputs_equal']}; compiling took "
-              f"{r['compile_seconds']:.0f} s, once, before the timed runs\n")
+              f"{r['compile_seconds']:.0f} s, once, before the timed runs"
+              + (f"; peak memory gemma.py {megabytes(memory)}, transformers "
+                 f"{megabytes(r['transformers']['peak_memory'])}" if memory is not None else "") + "\n")
     if "sliding" in results:
         r = results["sliding"]
-        print(f"| a sliding layer ({r['preset']}, window {r['window']}), forward + backward | seconds | "
-              f"ms per 1k tokens | growth from T / 2 | target |")
-        print("| --- | ---: | ---: | ---: | --- |")
-        for T, s in r["seconds"].items():
-            growth = r["growth"].get(T)
-            target = mark(growth, TARGETS["sliding_growth"], at_most=True) if T == max(r["seconds"]) else ""
-            print(f"| T = {T} | {s:.3f} | {s / T * 1e6:.1f} | {f'{growth:.2f} x' if growth else ''} | {target} |")
-        print()
+        for kernel in ("blocked", "flex"):
+            if kernel not in r:
+                continue
+            print(f"| a sliding layer ({r['preset']}, window {r['window']}, {r['device']}), forward + backward, "
+                  f"{kernel} | seconds | ms per 1k tokens | growth from T / 2 | target |")
+            print("| --- | ---: | ---: | ---: | --- |")
+            seconds, growths = r[kernel]["seconds"], r[kernel]["growth"]
+            for T, s in seconds.items():
+                growth = growths.get(T)
+                target = mark(growth, TARGETS["sliding_growth"], at_most=True) if T == max(seconds) else ""
+                print(f"| T = {T} | {s:.3f} | {s / T * 1e6:.1f} | {f'{growth:.2f} x' if growth else ''} | {target} |")
+            print()
+    if "decode" in results:
+        r = results["decode"]
+        print(f"| greedy generation against the memory bandwidth ({r['preset']}, {r['device']}, "
+              f"{r['bandwidth'] / 1e9:,.1f} GB/s measured) | weights | tokens/s | fraction of the limit |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, x in r["runs"].items():
+            print(f"| {name} | {megabytes(x['weight_bytes'])} | {x['tokens_per_s']:.1f} | "
+                  f"{x['fraction_of_bandwidth']:.0%} |")
+        print(f"\nbfloat16 weights / float32 weights, best of eager and compiled: {r['bfloat16_speedup']:.2f} x\n")
     for r in results.get("baseline", []):
         print(f"| {r['preset']}, before and after (tokens/s, median of {len(r['train after']['all_seconds'])}) "
               f"| before | after | after / before |")
@@ -383,43 +642,71 @@ def report(results):
         print(f"\nsame tokens: {r['same_tokens']}\n")
 
 
+SECTIONS = ("train", "generate", "sliding", "decode", "prepare")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="gemma.py against transformers, side by side.", allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and new tokens: a short run")
-    parser.add_argument("--only", default="train,generate,sliding,prepare", help="comma-separated sections to run")
+    parser.add_argument("--only", default="train,generate,sliding,decode,prepare",
+                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     parser.add_argument("--out", help="also write the measured numbers to this JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda where there is one)")
     parser.add_argument("--preset", choices=list(PRESETS), help="train and generate with this preset only, and slide "
                         "with it (default: train and generate with both; slide with 270m)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype (autocast)")
+    parser.add_argument("--dtype", help="comma-separated training dtypes (autocast): float32, bfloat16, float16 "
+                        "(default: float32 on a CPU; bfloat16,float16 on a GPU); generation uses the first")
     parser.add_argument("--compile", action="store_true", help="also time gemma.py's training step compiled")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--data", default=TINYSTORIES, help="the JSON-lines stories prepare.py is timed on")
     parser.add_argument("--baseline", metavar="FILE", help="instead: this gemma.py against FILE, another revision's "
                         "(git show REV:gemma.py > FILE), training steps and generation in turns")
+    parser.add_argument("--acceptance", metavar="DATA_DIR", help="instead: the acceptance run on DATA_DIR (prepare.py's "
+                        "files): bench.py, training, Ctrl-C and --resume, float16, sampling (bash experiments.sh gpu)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of the acceptance run (default 200)")
     parser.add_argument("--profile", action="store_true", help="instead of timing: where a training step's time goes "
                         "(torch.profiler), for both models, on --preset (default 270m)")
     args = parser.parse_args(argv)
     if args.profile:
         return profile_train(args.preset or "270m")
+    if args.acceptance:
+        with tempfile.TemporaryDirectory() as work_dir:
+            result = acceptance(pick_device(args.device), args.acceptance, work_dir, args.preset or "270m", args.steps)
+        report_acceptance(result)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2, default=str)
+        return result
     sections = args.only.split(",")
-    if unknown := set(sections) - {"train", "generate", "sliding", "prepare"}:
+    if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
+    device = pick_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: PyTorch sees no CUDA GPU here")
+    dtypes = (args.dtype or ("bfloat16,float16" if device.type == "cuda" else "float32")).split(",")
+    if unknown := set(dtypes) - set(DTOLERANCE):
+        parser.error(f"unknown dtype(s) in --dtype: {', '.join(sorted(unknown))}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = dict(machine=machine())
+    results = dict(machine=machine(device))
     t0 = time.time()
+    presets = [args.preset] if args.preset else ["270m", "small"]
     if args.baseline:
         sections = []
-        results["baseline"] = bench_baseline(args.baseline, [args.preset] if args.preset else ["270m", "small"],
-                                             reps=2 if args.quick else 6, new_tokens=16 if args.quick else 64)
+        results["baseline"] = bench_baseline(args.baseline, presets, reps=2 if args.quick else 6,
+                                             new_tokens=16 if args.quick else 64)
     if "train" in sections:
-        presets = [args.preset] if args.preset else ["270m", "small"]
-        results["train"] = [bench_train(p, args, getattr(torch, args.dtype)) for p in presets]
+        results["train"] = [bench_train(p, args, getattr(torch, d), device) for p in presets for d in dtypes]
     if "generate" in sections:
-        results["generate"] = [bench_generate(p, 32 if args.quick else 256, 1 if args.quick else 3)
-                               for p in ([args.preset] if args.preset else ["270m", "small"])]
+        results["generate"] = [bench_generate(p, 32 if args.quick else 256, 1 if args.quick else 3, device=device,
+                                              dtype=getattr(torch, dtypes[0])) for p in presets]
     if "sliding" in sections:
-        results["sliding"] = bench_sliding(args.preset or "270m", [1024, 2048, 4096, 8192], 1 if args.quick else 3)
+        lengths = [256, 512] if args.quick else [1024, 2048, 4096, 8192]
+        results["sliding"] = bench_sliding(args.preset or "270m", lengths, 1 if args.quick else 3, device,
+                                           getattr(torch, dtypes[0]))
+    if "decode" in sections:
+        results["decode"] = bench_decode(args.preset or "270m", 16 if args.quick else 64, 1 if args.quick else 3,
+                                         device)
     if "prepare" in sections:
         results["prepare"] = bench_prepare(args.data, 2 if args.quick else 5)
     results["seconds"], results["load_average_after"] = time.time() - t0, os.getloadavg()[0]

@@ -5,6 +5,8 @@ test_bench.py: bench.py's logic, on tiny configurations, in seconds, with no tim
 """
 import json, statistics
 
+import torch
+
 import pytest
 
 import bench
@@ -77,3 +79,60 @@ def test_before_and_after_compares_two_revisions_with_the_same_weights(tmp_path,
     for what in ("train", "generate"):
         ratio = r[f"{what} after"]["tokens_per_s"] / r[f"{what} before"]["tokens_per_s"]
         assert r[f"{what} after / before"] == pytest.approx(ratio)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA L4", "L4"), ("Tesla T4", "T4"), ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+    ("NVIDIA GeForce GTX 1080", "unknown")])
+def test_the_card_is_found_by_the_name_cuda_gives_it_with_its_datasheet_peak(name, expected):
+    found, peaks = bench.card(name)
+    assert found == expected and (peaks.get("bfloat16") == {"H100 SXM": 989e12, "H200": 989e12}.get(expected)
+                                  or expected not in ("H100 SXM", "H200"))
+    assert (found == "unknown") == (peaks == {})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_training_section_runs_each_dtype_and_reports_consistent_figures(dtype, monkeypatch, tmp_path):
+    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
+    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))
+    out = tmp_path / "results.json"
+    bench.main(["--quick", "--only", "train", "--preset", "tiny", "--dtype", dtype, "--device", "cpu",
+                "--out", str(out)])
+    [r] = json.loads(out.read_text())["train"]
+    assert r["dtype"] == dtype and r["logits_equal"] is True  # within the dtype's tolerance
+    for name in ("gemma.py", "transformers"):
+        x = r[name]
+        assert x["tokens_per_s"] == pytest.approx(2 * 12 / x["seconds"])
+        assert x["mfu"] == pytest.approx(r["flops_per_step"] / x["seconds"] / r["peak_flops"])
+        assert x["peak_memory"] is None  # no allocator count on a CPU
+    assert r["datasheet_flops"] is None and r["card"] == "cpu"
+
+
+def test_sliding_and_decode_sections_run_on_the_cpu_with_consistent_figures(monkeypatch, tmp_path):
+    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
+    out = tmp_path / "results.json"
+    bench.main(["--quick", "--only", "sliding,decode", "--preset", "tiny", "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())
+    sliding, decode = results["sliding"], results["decode"]
+    assert set(sliding["blocked"]["seconds"]) == {"256", "512"} and "flex" not in sliding  # no CPU backward
+    runs = decode["runs"]
+    assert set(runs) == {"float32", "float32 compiled", "bfloat16", "bfloat16 compiled"}
+    assert runs["bfloat16"]["weight_bytes"] * 2 == runs["float32"]["weight_bytes"]
+    for x in runs.values():
+        assert x["fraction_of_bandwidth"] == pytest.approx(x["weight_bytes"] * x["tokens_per_s"] / decode["bandwidth"])
+
+
+@pytest.mark.slow
+def test_acceptance_run_trains_resumes_bit_for_bit_runs_float16_and_samples(data_dir, monkeypatch, tmp_path):
+    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
+    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))
+    tiny = ["--block_size", "64", "--batch_size", "4", "--total_batch_size", "512", "--eval_windows", "4",
+            "--warmup_steps", "2", "--log_interval", "1", "--hidden_size", "64", "--intermediate_size", "128",
+            "--head_dim", "16", "--sliding_window", "16"]
+    r = bench.acceptance(torch.device("cpu"), str(data_dir), str(tmp_path), preset="small", steps=8,
+                         train_flags=tiny, bench_args=["--preset", "tiny", "--only", "train,decode"], stop_at=3)
+    assert r["train"]["ok"] and r["train"]["loss_falling"] and len(r["train"]["val_loss"]) == 5
+    assert r["resume"]["interrupted_status"] == 130 and r["resume"]["bit_for_bit"] is True
+    assert r["float16"]["finite"] and r["sample"]["ok"] and r["passed"] is True
+    assert r["bench"]["train"][0]["preset"] == "tiny"
