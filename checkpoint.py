@@ -100,11 +100,21 @@ def pick_device(name):
     return torch.device(name)
 
 
-def pick_dtype(name, device):
+def cpu_has_bfloat16():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), not by conversion."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pick_dtype(name, device, weights=False):
     """auto: bfloat16 on GPUs that have it; float16 (with a gradient scaler) on those that do not,
-    such as a T4, and on Apple silicon; float32 on the CPU, where bfloat16 is slower without AMX."""
+    such as a T4, and on Apple silicon; float32 on the CPU for training. For the weights of a model
+    that generates (weights=True), bfloat16 on a CPU that has bfloat16 instructions too: a token
+    reads every weight once, so half the bytes decode 2.1x faster eager, 2.4x compiled (bench.py's
+    decode section, 270m, an AMD EPYC with AVX512-BF16)."""
     if name == "auto" and device.type == "cuda":
         name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif name == "auto" and device.type == "cpu" and weights and cpu_has_bfloat16():
+        name = "bfloat16"
     elif name == "auto":
         name = "float16" if device.type == "mps" else "float32"
     if name not in ("bfloat16", "float16", "float32"):

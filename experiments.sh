@@ -5,6 +5,7 @@
 #   bash experiments.sh small       # the CPU recipe (about 25 minutes on 2 quiet cores): the small preset, its curve and three stories
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
 #   bash experiments.sh baseline    # this gemma.py against the one before the speedups/checkpoint split
+#   bash experiments.sh gpu         # the acceptance run on a GPU machine: about ten minutes on one H100
 # Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -79,13 +80,23 @@ small)
     ;;
 bench)
     python bench.py --compile --out assets/bench_cpu.json
+    python bench.py --only decode --preset 270m --out assets/bench_cpu_decode.json  # against the memory bandwidth
+    ;;
+gpu)
+    # everything a user does on a fresh GPU machine: bench.py on the 270M configuration (bfloat16 and float16,
+    # compiled, against transformers), 200 training steps on the shared stories (bfloat16, compiled: the defaults
+    # on a GPU), the same run stopped with Ctrl-C and resumed (compared row for row), float16 with its gradient
+    # scaler, and a story; the figures go to assets/gpu_acceptance.json, from which the README's GPU table is made
+    python prepare.py --train_files $SHARED/train.jsonl $SHARED/train-extra.jsonl \
+                      --validation_files $SHARED/validation.jsonl --data_dir data-gpu
+    python bench.py --acceptance data-gpu --device cuda --out assets/gpu_acceptance.json
     ;;
 baseline)
     mkdir -p runs && git show 65969a6:gemma.py > runs/gemma_before.py  # the last one-file gemma.py
     python bench.py --baseline runs/gemma_before.py --out assets/bench_before_after.json
     ;;
 *)
-    sed -n '2,8p' "$0"
+    sed -n '2,9p' "$0"
     exit 2
     ;;
 esac

@@ -531,7 +531,7 @@ class SampleConfig:
     stop_at_eot: bool = True         # end a story at the end-of-text token
     compile: bool = False            # torch.compile the one-token step: ~20 s, then faster
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"              # of the weights; auto: bfloat16 where it is native
 
 
 def from_checkpoint(out_dir):
@@ -545,13 +545,13 @@ def sample(c):
     if min(c.temperature, c.top_k) < 0 or min(c.max_new_tokens, c.num_samples) <= 0:
         raise UserError("--temperature, --top_k must be >= 0; --max_new_tokens, --num_samples > 0")
     device = checkpoint.pick_device(c.device)
-    dtype = checkpoint.pick_dtype(c.dtype, device)
+    dtype = checkpoint.pick_dtype(c.dtype, device, weights=True)  # the weights' dtype, for speed
     if c.init_from:  # a Hugging Face directory, with its own tokenizer where it has one
         import hf
         model, tokenizer = Gemma.from_pretrained(c.init_from), hf.load_tokenizer(c.init_from)
     else:
         model, tokenizer = from_checkpoint(c.out_dir), gpt2_tokenizer()
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     ids = tokenizer.encode_ordinary(c.prompt) or [tokenizer.eot_token]  # empty: a new story
     context = model.config.max_position_embeddings  # prompt and new tokens must fit in it
     new = min(c.max_new_tokens, context - min(len(ids), context // 2))
@@ -560,17 +560,15 @@ def sample(c):
               f"prompt's last {min(len(ids), context - new)}", file=sys.stderr)
         ids = ids[-(context - new):]
     eot = tokenizer.eot_token if c.stop_at_eot else None
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for i in range(c.num_samples):
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character: 1+ tokens
         print(text.decode(b"".join(map(tokenizer.decode_single_token_bytes, ids))), end="")
-        with autocast:
-            for token in model.stream(torch.tensor([ids], device=device), new, c.temperature,
-                                      c.top_k or None, eot, seed=(c.seed + i) % 2 ** 64,
-                                      compile=c.compile):  # any whole number is a seed
-                if token.item() != eot:
-                    piece = tokenizer.decode_single_token_bytes(token.item())
-                    print(text.decode(piece), end="", flush=True)
+        for token in model.stream(torch.tensor([ids], device=device), new, c.temperature,
+                                  c.top_k or None, eot, seed=(c.seed + i) % 2 ** 64,
+                                  compile=c.compile):  # any whole number is a seed
+            if token.item() != eot:
+                piece = tokenizer.decode_single_token_bytes(token.item())
+                print(text.decode(piece), end="", flush=True)
         print(text.decode(b"", final=True) + "\n" + "-" * 40, flush=True)
 
 

@@ -413,3 +413,13 @@ def test_resuming_on_a_machine_with_fewer_gpus_restores_the_generators_it_has(mo
     step, _, _ = checkpoint.restore(state, model, optimizers, scaler, data_rng,
                                     torch.device("cuda", 0))
     assert step == 3 and restored == [0]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_sampling_weights_are_bfloat16_on_a_cpu_that_multiplies_it_natively(native, monkeypatch):
+    import checkpoint
+    monkeypatch.setattr(checkpoint, "cpu_has_bfloat16", lambda: native)
+    cpu = torch.device("cpu")
+    assert checkpoint.pick_dtype("auto", cpu, weights=True) == (torch.bfloat16 if native else torch.float32)
+    assert checkpoint.pick_dtype("auto", cpu) == torch.float32  # training keeps float32 on a CPU
+    assert checkpoint.pick_dtype("float32", cpu, weights=True) == torch.float32
