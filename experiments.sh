@@ -6,6 +6,7 @@
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
 #   bash experiments.sh baseline    # this gemma.py against the one before the speedups/checkpoint split
 #   bash experiments.sh gpu         # the acceptance run on a GPU machine: about ten minutes on one H100
+#   bash experiments.sh search      # the small preset's recipe at a fixed wall-clock (MINUTES=5 a run: the cheap pass)
 # Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -95,8 +96,64 @@ baseline)
     mkdir -p runs && git show 65969a6:gemma.py > runs/gemma_before.py  # the last one-file gemma.py
     python bench.py --baseline runs/gemma_before.py --out assets/bench_before_after.json
     ;;
+search)
+    # Each recipe trains for MINUTES of wall-clock on both shared training files: a few steps first measure its
+    # tokens/s, which set --max_steps so that the run (its evaluations included) fills the budget and the
+    # schedule decays to its floor at the end. Scored by the validation loss on validation.jsonl's fixed windows.
+    python prepare.py --train_files $SHARED/train.jsonl $SHARED/train-extra.jsonl \
+                      --validation_files $SHARED/validation.jsonl --data_dir data-all
+    MINUTES=${MINUTES:-5} python - <<'PY'
+import json, os, shutil, statistics, subprocess, sys, time
+minutes, out = float(os.environ["MINUTES"]), f"assets/small_search_{os.environ['MINUTES']}min.json"
+small = "--preset small --data_dir data-all --eval_windows 64 --log_interval 10".split()
+recipes = {  # name: flags on top of the small preset (6 layers, width 128, AdamW lr 0.128, 16 x 256 tokens)
+    "preset (AdamW 0.128)": [],
+    "Muon 0.02 + AdamW 0.512": "--optimizer muon --muon_lr 0.02 --lr 0.512".split(),
+    "Muon 0.04 + AdamW 0.256": "--optimizer muon --muon_lr 0.04 --lr 0.256".split(),
+    "AdamW 0.256": "--lr 0.256".split(),
+    "batch 2048 tokens": "--batch_size 8 --total_batch_size 2048".split(),
+    "width 192": "--hidden_size 192 --intermediate_size 768 --head_dim 48".split(),
+    "8 layers": "--num_hidden_layers 8 --sliding_window_pattern 4".split(),
+    "4 layers, width 192": "--num_hidden_layers 4 --sliding_window_pattern 4 --hidden_size 192 "
+                           "--intermediate_size 768 --head_dim 48".split(),
+    "feed-forward 1024": "--intermediate_size 1024".split(),
+    "block 128, window 64": "--block_size 128 --batch_size 32 --sliding_window 64".split(),
+    "warm-up 10, floor 0.0": "--warmup_steps 10 --min_lr_ratio 0.0".split(),
+    "compiled": ["--compile"],
+}
+results = json.load(open(out)) if os.path.exists(out) else {}
+for name, flags in recipes.items():
+    if name in results:
+        continue
+    probe = "runs/search/probe"
+    shutil.rmtree(probe, ignore_errors=True)
+    subprocess.run([sys.executable, "gemma.py", "train", *small, *flags, "--max_steps", "6", "--eval_interval",
+                    "1000", "--log_interval", "1", "--out_dir", probe], check=True, capture_output=True)
+    rows = [json.loads(l) for l in open(f"{probe}/metrics.jsonl")]
+    speed = statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 2)
+    tokens_per_step = rows[-1]["tokens"] // rows[-1]["step"]
+    steps = int(0.9 * minutes * 60 * speed / tokens_per_step)  # 10% for start-up and evaluations
+    run = f"runs/search/{minutes:g}min/" + name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, "gemma.py", "train", *small, *flags, "--max_steps", str(steps),
+                    "--eval_interval", str(max(1, steps // 5)), "--out_dir", run], check=True)
+    seconds = time.time() - t0
+    last = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if "val_loss" in l][-1]
+    results[name] = dict(flags=" ".join(flags), steps=steps, tokens=last["tokens"], seconds=round(seconds),
+                         probe_tokens_per_s=round(speed), tokens_per_s=round(last["tokens"] / seconds),
+                         val_loss=round(last["val_loss"], 4))
+    json.dump(results, open(out, "w"), indent=2)
+    print(name, results[name], flush=True)
+print("| recipe | flags | steps | tokens | wall-clock | tokens/s | validation loss |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+for name, r in sorted(results.items(), key=lambda x: x[1]["val_loss"]):
+    print(f"| {name} | `{r['flags']}` | {r['steps']} | {r['tokens']:,} | {r['seconds']} s | {r['tokens_per_s']:,} | "
+          f"{r['val_loss']:.3f} |")
+PY
+    ;;
 *)
-    sed -n '2,9p' "$0"
+    sed -n '2,10p' "$0"
     exit 2
     ;;
 esac
