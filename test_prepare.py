@@ -5,14 +5,14 @@ and one clear line for a bad input.
 
     python -m pytest test_prepare.py
 """
-import json, os, subprocess, sys
+import json, os
 
 import numpy as np
 import pyarrow
 import pyarrow.parquet
 import pytest
 
-from conftest import HERE, write_jsonl
+from conftest import cli, write_jsonl
 from prepare import gpt2_tokenizer, tokenize_stories
 
 EOT = 50256
@@ -36,6 +36,10 @@ def expected_tokens(stories):
     return np.array(tokens, dtype=np.uint16)
 
 
+def run_prepare(*args):
+    return cli("prepare.py", *args, check=False)
+
+
 def write_file(path, content):
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     return path
@@ -49,11 +53,6 @@ def write_txt(path, stories):
 def write_parquet(path, stories, column="text"):
     pyarrow.parquet.write_table(pyarrow.table({"id": list(range(len(stories))), column: stories}), path)
     return path
-
-
-def run_prepare(*args):
-    return subprocess.run([sys.executable, "prepare.py", *map(str, args)], cwd=HERE,
-                          capture_output=True, text=True, timeout=120)
 
 
 def prepare_ok(tmp_path, train_file, data_dir):
@@ -122,7 +121,7 @@ def test_gpt2_tokenizer_has_gpt2_ids():
 
 def test_importing_prepare_is_cheap_and_loads_no_dataset_library():
     code = "import sys, prepare; print('datasets' in sys.modules, 'pyarrow' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    result = cli("-c", code, check=False)
     assert result.stdout.split() == ["False", "False"], result.stderr
 
 
@@ -169,8 +168,7 @@ def test_without_hub_or_local_files_one_line_says_to_pass_local_files(tmp_path):
     cache = str(tmp_path / "hf")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": cache,
            "HF_DATASETS_CACHE": cache, "HF_HUB_CACHE": cache}
-    result = subprocess.run([sys.executable, "prepare.py", "--data_dir", tmp_path / "data"], cwd=HERE,
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = cli("prepare.py", "--data_dir", tmp_path / "data", check=False, env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last_line = result.stderr.splitlines()[-1]
     assert last_line.startswith("prepare.py: error: could not load roneneldan/TinyStories")

@@ -249,7 +249,8 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
     "too short validation.bin": (lambda d, o: write_tokens(d / "validation.bin", range(10)), [],
                                  "fewer than one block"),
     "train.bin is a directory": (lambda d, o: ((d / "train.bin").unlink(),
-                                               (d / "train.bin").mkdir()), [], "no "),
+                                               (d / "train.bin").mkdir()), [],
+                                 "train.bin: run `python prepare.py"),
     "tokens beyond the vocabulary": (lambda d, o: write_tokens(d / "train.bin", [1, 60000] * 99),
                                      [], "beyond the vocabulary"),
     "block size 0": (None, ["--block_size", "0"], "--block_size must be positive"),
@@ -282,7 +283,8 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
     "seed beyond 2^64": (None, ["--seed", str(2 ** 70)], "--seed must be positive"),
     "out_dir is a file": (lambda d, o: (o / "file").write_text("x"), ["--out_dir", "{out}/file"],
                           "cannot write"),
-    "data_dir is a file": (None, ["--data_dir", "{data}/train.bin"], "no "),
+    "data_dir is a file": (None, ["--data_dir", "{data}/train.bin"],
+                           "train.bin/train.bin: run `python prepare.py"),
     "nonsense CUDA index": (None, ["--device", "cuda:x"], "--device must be auto, cpu"),
 }
 
@@ -376,8 +378,7 @@ def test_the_readme_cpu_quick_start_runs_as_written(tmp_path):
         extra = {"prepare.py": data, "plot.py": ["-o", str(tmp_path / "loss.png")]}.get(args[0], [])
         if args[:2] == ["gemma.py", "train"]:
             extra = data + short
-        result = subprocess.run([sys.executable, *args, *extra], cwd=HERE, capture_output=True,
-                                text=True, timeout=300)
+        result = cli(*args, *extra, check=False)
         assert result.returncode == 0, (command, result.stderr)
         outputs.append(result.stdout)
     assert outputs[2].startswith("Once upon a time") and (tmp_path / "loss.png").exists()
