@@ -43,8 +43,9 @@ def save(path, state):
         e = file.error if file and file.error else e  # the write's own error, with its errno
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
         what = "the disk is full" if full else f"{type(e).__name__}: {e}".splitlines()[0]
+        fix = "free some space" if full else "make it writable"
         raise UserError(f"could not write {path} ({what}); the previous checkpoint there is "
-                        "intact: free some space, then continue with --resume") from None
+                        f"intact: {fix}, then continue with --resume") from None
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
         os.fsync(fd)

@@ -316,7 +316,8 @@ def get_batch(path, offsets, block_size, device):
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])  # (len(offsets), T)
     if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
         x, y = x.pin_memory(), y.pin_memory()
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    cuda = device.type == "cuda"
+    return x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
 
 
 @dataclass
