@@ -127,10 +127,10 @@ for name, flags in recipes.items():
         continue
     probe = "runs/search/probe"
     shutil.rmtree(probe, ignore_errors=True)
-    subprocess.run([sys.executable, "gemma.py", "train", *small, *flags, "--max_steps", "6", "--eval_interval",
+    subprocess.run([sys.executable, "gemma.py", "train", *small, *flags, "--max_steps", "14", "--eval_interval",
                     "1000", "--log_interval", "1", "--out_dir", probe], check=True, capture_output=True)
-    rows = [json.loads(l) for l in open(f"{probe}/metrics.jsonl")]
-    speed = statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 2)
+    rows = [json.loads(l) for l in open(f"{probe}/metrics.jsonl")]  # steps 7-14: past the first, slower ones
+    speed = statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 6)
     tokens_per_step = rows[-1]["tokens"] // rows[-1]["step"]
     steps = int(0.9 * minutes * 60 * speed / tokens_per_step)  # 10% for start-up and evaluations
     run = f"runs/search/{minutes:g}min/" + name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
