@@ -510,8 +510,8 @@ def train(c, model_config, ckpt=None):
                                    lr=rates[0], tokens_per_s=tokens_per_s)
         if stop:  # every process at this same step: save, then exit
             state = checkpoint.capture(**run, step=step, evaluated=False,
-                                       best_val_loss=best_val_loss)
-            checkpoint.save_and_exit(ckpt_path, state if master else None, world)
+                                       best_val_loss=best_val_loss) if master else None
+            checkpoint.save_and_exit(ckpt_path, state, world)
     if world > 1:
         torch.distributed.destroy_process_group()
 

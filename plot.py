@@ -6,7 +6,7 @@ plot.py: draw the train and validation loss curves that `python gemma.py train` 
 
 matplotlib is optional (pip install matplotlib): it is needed here only.
 """
-import argparse, json, math, os, sys
+import argparse, math, os, sys
 
 
 def read_metrics(out_dir):
@@ -14,14 +14,8 @@ def read_metrics(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"plot.py: error: no {path}: train with --out_dir {out_dir} first")
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a torn last line, from a run killed while it wrote
-                pass
-    return rows
+    import checkpoint  # its reader leaves out a torn last line, from a run killed while it wrote
+    return checkpoint.read_metrics(path)
 
 
 def plot(out_dirs, output):
