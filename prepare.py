@@ -1,15 +1,19 @@
 """
-Prepare TinyStories for gemma.py: tokenize every story with GPT-2's BPE and write each split's
-token ids as one flat array of uint16.
+Prepare TinyStories for gemma.py: tokenize every story with GPT-2's BPE (or a model's own tokenizer)
+and write each split's token ids as one flat array of uint16 (uint32 for a larger vocabulary).
 
     python prepare.py                 # roneneldan/TinyStories from the Hugging Face hub
     python prepare.py --train_files ../shared/data/tinystories/train.jsonl \
                       --validation_files ../shared/data/tinystories/validation.jsonl
+    python prepare.py --tokenizer gemma-3-270m   # Gemma's own tokenizer, to fine-tune Gemma 3 270M
     python prepare.py --help          # every flag with its default
 
-Writes data/train.bin, data/validation.bin and data/meta.json (token and story counts). The
-end-of-text token 50256 sits between stories, not before the first or after the last, so a file
-decodes to exactly "<|endoftext|>".join(stories); read it with np.memmap(path, np.uint16, mode="r").
+Writes data/train.bin, data/validation.bin and data/meta.json (token and story counts, the tokenizer,
+its framing ids and the token dtype). With GPT-2's BPE the end-of-text token 50256 sits between
+stories, not before the first or after the last, so a file decodes to exactly
+"<|endoftext|>".join(stories); read it with np.memmap(path, np.uint16, mode="r"). With --tokenizer each
+story is framed as that tokenizer frames a document (Gemma: <bos> story <eos>), and a copy of the
+tokenizer goes to data/tokenizer/, from where a training run keeps it with its checkpoint.
 Local files may be JSON lines (.jsonl/.json, one {"text": ...} object a line), parquet (.parquet,
 a "text" column) or plain text (.txt, stories separated by lines that are exactly <|endoftext|>).
 A file appears under its final name only once complete: a failed or interrupted run leaves the
@@ -17,11 +21,14 @@ previous files as they were.
 """
 import argparse
 import functools
+import hashlib
 import importlib.util
 import itertools
 import json
 import os
+import shutil
 import sys
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,6 +61,97 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
         vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=tiktoken_ext.openai_public.r50k_pat_str,
                              mergeable_ranks=ranks, special_tokens={EOT_TEXT: 50256}, explicit_n_vocab=50257)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (a directory with a tokenizer.json: Gemma's own, or any) through the
+    tokenizers library, behind what prepare.py and gemma.py use of a tiktoken Encoding."""
+
+    def __init__(self, directory):
+        from tokenizers import Tokenizer  # imported here: GPT-2's runs never need it
+        self.directory, self.name = directory, os.path.join(directory, "tokenizer.json")
+        try:
+            self.tokenizer = Tokenizer.from_file(self.name)
+        except Exception as e:  # the tokenizers library's error for a damaged file
+            raise PrepareError(f"{self.name} cannot be read ({e}): download it again") from None
+        self.fingerprint = hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
+        self.tokenizer.encode_special_tokens = True  # a story's text "<eos>" is text, not the token
+        self.n_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        # The framing of a document: what the tokenizer's own template puts before a text (Gemma's:
+        # <bos>), then the end-of-text token after it, which marks where a story ends.
+        framed, text = (self.tokenizer.encode("a", add_special_tokens=s).ids for s in (True, False))
+        self.prefix = framed[:framed.index(text[0])] if text else framed
+        self.bos, self.eot_token = self.special_id("bos"), self.special_id("eos")
+        if self.bos is not None and self.prefix[:1] != [self.bos] and self.settings().get("add_bos_token"):
+            self.prefix = [self.bos] + self.prefix  # the template lacks the <bos> the config asks for
+        if self.eot_token is None:
+            raise PrepareError(f"cannot tell the end-of-text token of {self.name}: give its "
+                               'tokenizer_config.json an "eos_token"')
+
+    def settings(self, name="tokenizer_config.json"):
+        path = os.path.join(self.directory, name)
+        return read_json(path) if os.path.isfile(path) else {}
+
+    def special_id(self, kind):
+        """The id of the <bos> or <eos> token: named in tokenizer_config.json, else the model's
+        config.json id (a list in the instruction-tuned models, which stop at either of two)."""
+        token = self.settings().get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None:
+            return self.tokenizer.token_to_id(token)
+        id = self.settings("config.json").get(f"{kind}_token_id")
+        return id[0] if isinstance(id, list) else id
+
+    def encode_ordinary(self, text):
+        """A prompt's ids as AutoTokenizer gives them: the template's start (<bos>) first."""
+        return self.prefix + self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_documents(self, texts):
+        """Each text framed as a document: <bos> text <eos> for Gemma. Multi-threaded, in Rust."""
+        batch = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        return [self.prefix + e.ids + [self.eot_token] for e in batch]
+
+    def decode_single_token_bytes(self, id):
+        if id in self.prefix or id == self.eot_token:  # the framing is not text
+            return b""
+        piece = self.tokenizer.id_to_token(id) or ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+            return bytes([int(piece[3:5], 16)])  # one UTF-8 byte of a character not in the vocabulary
+        return self.tokenizer.decode([id], skip_special_tokens=True).encode()  # "▁": a space
+
+    def save(self, directory):
+        """Its files, as AutoTokenizer.from_pretrained reads them, with <bos> and <eos> named."""
+        os.makedirs(directory, exist_ok=True)
+        for name in ("special_tokens_map.json", "tokenizer.model"):  # where the original has them
+            if os.path.isfile(os.path.join(self.directory, name)):
+                shutil.copy(os.path.join(self.directory, name), os.path.join(directory, name))
+        shutil.copy(self.name, os.path.join(directory, "tokenizer.json"))  # byte for byte
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", **self.settings(),
+                    "eos_token": self.tokenizer.id_to_token(self.eot_token)}
+        if self.bos is not None:
+            settings["bos_token"] = self.tokenizer.id_to_token(self.bos)
+        write_json(os.path.join(directory, "tokenizer_config.json"), settings)
+
+
+def load_tokenizer(directory):
+    """The tokenizer in directory (a tokenizer.json), or GPT-2's BPE where it has none."""
+    if directory and os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return HFTokenizer(directory)
+    return gpt2_tokenizer()
+
+
+def describe(tokenizer):
+    """What meta.json and a checkpoint record of a tokenizer: enough to tell two apart."""
+    if isinstance(tokenizer, HFTokenizer):
+        return {"tokenizer": tokenizer.name, "fingerprint": tokenizer.fingerprint,
+                "vocab_size": tokenizer.n_vocab, "prefix": tokenizer.prefix,
+                "eot_token": tokenizer.eot_token, "dtype": token_dtype(tokenizer.n_vocab)}
+    return {"tokenizer": "gpt2", "fingerprint": "gpt2", "vocab_size": tokenizer.n_vocab,
+            "prefix": [], "eot_token": tokenizer.eot_token, "dtype": "uint16"}
+
+
+def token_dtype(vocab_size):
+    return "uint16" if vocab_size <= 2 ** 16 else "uint32"
 
 
 # ----- Reading stories. Every reader streams, so memory does not grow with the corpus. ------------
@@ -158,22 +256,30 @@ def encode_ahead(batches, encode):
             yield pending.result()
 
 
+def gpt2_documents(enc, num_threads):
+    """GPT-2's framing: <|endoftext|> before each story (the file's first one is dropped)."""
+    def encode(stories):
+        # encode_ordinary: a story containing the text "<|endoftext|>" is encoded as that plain text
+        return [[enc.eot_token, *ids] for ids in enc.encode_ordinary_batch(stories, num_threads=num_threads)]
+    return encode
+
+
 def tokenize_stories(stories, out_path, enc, num_threads=os.cpu_count(), batch_size=BATCH_SIZE,
                      total=None) -> tuple[int, int]:
-    """Write the tokens of the non-empty stories to out_path as uint16, the end-of-text token
-    between stories. Returns (number of tokens, number of stories)."""
-    assert enc.n_vocab <= 2**16, "token ids must fit in uint16"
-    # encode_ordinary: a story containing the text "<|endoftext|>" is encoded as that plain text.
-    encode = functools.partial(enc.encode_ordinary_batch, num_threads=num_threads)
+    """Write the tokens of the non-empty stories to out_path, each framed as enc frames a document
+    (GPT-2: the end-of-text token between stories), as uint16 while the vocabulary fits, else
+    uint32. Returns (number of tokens, number of stories)."""
+    hf = isinstance(enc, HFTokenizer)
+    encode, dtype = enc.encode_documents if hf else gpt2_documents(enc, num_threads), token_dtype(enc.n_vocab)
     n_tokens = n_stories = 0
     desc = os.path.basename(out_path).removesuffix(".tmp")
     with open(out_path, "wb") as f, tqdm(total=total, unit=" stories", desc=desc) as bar:
         for token_lists in encode_ahead(batches((s for s in stories if s), batch_size), encode):
-            # One uint16 array per batch, [eot, story 0..., eot, story 1..., ...], straight to the
-            # file: the corpus is never held as Python ints. The file's first end-of-text is dropped.
-            flat = itertools.chain.from_iterable(itertools.chain((enc.eot_token,), t) for t in token_lists)
-            tokens = np.fromiter(flat, np.uint16, count=sum(map(len, token_lists)) + len(token_lists))
-            tokens = tokens if n_stories else tokens[1:]
+            # One array per batch, [eot, story 0..., eot, story 1..., ...] with GPT-2, straight to the
+            # file: the corpus is never held as Python ints. GPT-2's first end-of-text is dropped.
+            flat = itertools.chain.from_iterable(token_lists)
+            tokens = np.fromiter(flat, dtype, count=sum(map(len, token_lists)))
+            tokens = tokens if n_stories or hf else tokens[1:]
             tokens.tofile(f)
             n_tokens, n_stories = n_tokens + len(tokens), n_stories + len(token_lists)
             bar.update(len(token_lists))
@@ -183,8 +289,7 @@ def tokenize_stories(stories, out_path, enc, num_threads=os.cpu_count(), batch_s
 
 
 def write_meta(path, enc, counts):
-    meta = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
-            "train": counts["train"], "validation": counts["validation"]}
+    meta = {**describe(enc), **counts}
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
         f.flush()
@@ -192,26 +297,84 @@ def write_meta(path, enc, counts):
     os.replace(path + ".tmp", path)
 
 
+def tokenize_files(paths, enc, data_dir, block_size, vocab_size):
+    """The stories of paths as data_dir/eval.bin, framed and checked as training's (gemma.py eval)."""
+    check_files(paths)
+    n_tokens, n_stories = tokenize_stories(read_stories(paths), os.path.join(data_dir, "eval.bin"), enc)
+    write_meta(os.path.join(data_dir, "meta.json"), enc, {"eval": {"tokens": n_tokens, "stories": n_stories}})
+    return load_tokens(data_dir, "eval", block_size, vocab_size)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, d):
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+
+
 # ----- Reading the token files back (gemma.py trains from them). ----------------------------------
+
+class TokenFile(NamedTuple):
+    """A split's token file: gemma.py memory-maps it a batch at a time."""
+    path: str
+    dtype: str
+    size: int  # tokens
+
+
+def read_meta(data_dir):
+    """data_dir/meta.json; a directory without one holds GPT-2 uint16 tokens, as prepare.py wrote
+    before it recorded them."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        return {**describe(gpt2_tokenizer()), **(read_json(path) if os.path.isfile(path) else {})}
+    except ValueError:
+        raise PrepareError(f"{path} is damaged: run prepare.py again") from None
+
 
 def load_tokens(data_dir, split, block_size, vocab_size):
     """Check data_dir/split.bin once, thoroughly, so that a bad file fails before training starts,
-    with a hint, not mid-run. Returns its path and its number of tokens."""
-    path = os.path.join(data_dir, f"{split}.bin")
+    with a hint, not mid-run. Returns its TokenFile."""
+    path, meta = os.path.join(data_dir, f"{split}.bin"), read_meta(data_dir)
     if not os.path.isfile(path):
         raise PrepareError(f"no {path}: run `python prepare.py --data_dir {data_dir}` first "
                            "(or pass --data_dir)")
-    if os.path.getsize(path) % 2:
-        raise PrepareError(f"{path} has an odd number of bytes, so it is not whole uint16 tokens: "
+    dtype = np.dtype(meta["dtype"])
+    if os.path.getsize(path) % dtype.itemsize:
+        raise PrepareError(f"{path} is not a whole number of {dtype} tokens: it is truncated; "
                            "run prepare.py again")
-    data = np.memmap(path, dtype=np.uint16, mode="r") if os.path.getsize(path) else np.zeros(0)
+    data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0)
     if len(data) < block_size + 1:
         raise PrepareError(f"{path} holds {len(data)} tokens, fewer than one block of {block_size}"
                            " + 1: prepare more text or lower --block_size")
-    if int(data.max()) >= vocab_size:
-        raise PrepareError(f"{path} holds token id {int(data.max())}, beyond the vocabulary of "
-                           f"{vocab_size}: it was made with another tokenizer; run prepare.py again")
-    return path, len(data)
+    if int(data.max()) >= min(vocab_size, meta["vocab_size"]):
+        if meta["vocab_size"] <= vocab_size:  # its tokenizer fits the model: the file is wrong
+            raise PrepareError(f"{path} holds token id {int(data.max())}, beyond the vocabulary of "
+                               f"{meta['tokenizer']} that made it: it is damaged; run prepare.py again")
+        raise PrepareError(f"{path} was made with {meta['tokenizer']} ({meta['vocab_size']:,} words), "
+                           f"beyond the model's vocabulary of {vocab_size:,}: pass --vocab_size "
+                           f"{meta['vocab_size']}, or prepare it with the model's tokenizer")
+    return TokenFile(path, dtype.name, len(data))
+
+
+def keep_tokenizer(data_dir, out_dir, init_from, resume, write):
+    """A run's tokenizer is its data's. Refuse data made with another tokenizer than the model's
+    (init_from's, or on --resume the run's own); then keep a copy of it in out_dir/tokenizer, so
+    that sample, export and --resume find it there (write: rank 0 only)."""
+    meta, run_tokenizer = read_meta(data_dir), os.path.join(out_dir, "tokenizer")
+    model_dir = run_tokenizer if resume else init_from
+    if model_dir or resume:
+        model = describe(load_tokenizer(model_dir))
+        if model["fingerprint"] != meta["fingerprint"]:
+            raise PrepareError(
+                f"{data_dir} was tokenized with {meta['tokenizer']} ({meta['vocab_size']:,} words), "
+                f"but the model's tokenizer is {model['tokenizer']} ({model['vocab_size']:,} words): "
+                f"prepare the stories with it (`python prepare.py --tokenizer {model_dir or 'gpt2'} "
+                "--data_dir NEW_DIR`) and train with --data_dir NEW_DIR")
+    if write and not resume and meta["tokenizer"] != "gpt2":
+        HFTokenizer(os.path.join(data_dir, "tokenizer")).save(run_tokenizer)
 
 
 # ----- Command line. ------------------------------------------------------------------------------
@@ -222,7 +385,8 @@ def prepare(args):
         raise PrepareError("pass both --train_files and --validation_files, or neither to use the hub")
     for files in splits.values():
         check_files(files or [])
-    enc = gpt2_tokenizer()
+    os.environ["RAYON_NUM_THREADS"] = str(args.num_threads)  # the tokenizers library's threads
+    enc = gpt2_tokenizer() if args.tokenizer == "gpt2" else hf_tokenizer(args.tokenizer)
     os.makedirs(args.data_dir, exist_ok=True)
     final = {split: os.path.join(args.data_dir, f"{split}.bin") for split in splits}
     counts = {}
@@ -242,9 +406,21 @@ def prepare(args):
         for path in final.values():  # after a failure or an interrupt: no half-written file is left
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
+    shutil.rmtree(os.path.join(args.data_dir, "tokenizer"), ignore_errors=True)  # an earlier one's
+    if isinstance(enc, HFTokenizer):
+        enc.save(os.path.join(args.data_dir, "tokenizer"))
     write_meta(os.path.join(args.data_dir, "meta.json"), enc, counts)
     for split, count in counts.items():
         print(f"{final[split]}: {count['tokens']:,} tokens, {count['stories']:,} stories")
+
+
+def hf_tokenizer(path):
+    """--tokenizer: a tokenizer.json, or a model directory that holds one."""
+    directory = os.path.dirname(path) if os.path.basename(path) == "tokenizer.json" else path
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise PrepareError(f"--tokenizer {path}: no tokenizer.json there; pass a Hugging Face model "
+                           "directory (such as a download of google/gemma-3-270m) or its tokenizer.json")
+    return HFTokenizer(directory or ".")
 
 
 def main(argv=None):
@@ -258,6 +434,10 @@ def main(argv=None):
                         help="local files for the validation split, same formats (default: none, the hub)")
     parser.add_argument("--data_dir", default="data",
                         help="where train.bin, validation.bin and meta.json go (default: %(default)s)")
+    parser.add_argument("--tokenizer", default="gpt2", metavar="PATH",
+                        help="gpt2 (tiktoken's GPT-2 BPE), or a Hugging Face tokenizer: a tokenizer.json "
+                             "or a model directory with one, such as google/gemma-3-270m's "
+                             "(default: %(default)s)")
     parser.add_argument("--num_threads", type=int, default=os.cpu_count(),
                         help="tokenizer threads (default: %(default)s, the number of cores)")
     args = parser.parse_args(argv)

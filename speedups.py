@@ -15,8 +15,8 @@ What is here, in the order a training step meets it:
   attention, FlexAttention when compiled, `blocked_sliding_attention` otherwise.
 - `sdpa`: F.scaled_dot_product_attention with shared key/value heads, copied out per query head
   when training on a CPU with few (batch, key/value head) pairs (see its docstring).
-- `linear_cross_entropy`: the output layer and the loss in one step that keeps one (N, vocab)
-  buffer instead of four.
+- `linear_cross_entropy`: the output layer and the loss a chunk of rows at a time, the logits
+  never whole, the gradients computed on the way.
 - `compile_or_eager`: torch.compile that falls back to the eager model, with one warning, when the
   compiler fails (no Triton, Windows, an old GPU).
 This module never imports gemma.py.
@@ -127,49 +127,88 @@ def attention(q, k, v, window, scale, mask=None):
     return blocked_sliding_attention(q, k, v, window, scale)
 
 
-def fused_loss_applies(x):
-    """Eager float32 only: compiled, the plain loss is fused anyway, and under autocast the plain
-    path multiplies in low precision, which linear_cross_entropy would not."""
-    return not (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type))
+# Float32 logits in one chunk of linear_cross_entropy's rows, by device (see LinearCrossEntropy)
+LOSS_CHUNK = dict(cpu=2 ** 24, cuda=2 ** 27)
+
+
+def cross_entropy_chunks(x, weight, targets, grad_x=None, grad_w=None):
+    """The summed cross-entropy of the logits x weight^T with the targets (-100: none, left out), a
+    chunk of rows at a time, each chunk's logits computed as the plain path computes them: F.linear
+    in autocast's dtype where it is on, then float32. Where given, adds each chunk's (softmax -
+    one-hot) x weight into grad_x (N, hidden) and its transpose times x into grad_w (vocab, hidden),
+    multiplied in the dtype the plain backward multiplies in, and not yet divided by the count."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    x, weight = x.to(dtype), weight.to(dtype)  # what autocast's F.linear multiplies
+    rows = max(1, LOSS_CHUNK["cuda" if x.is_cuda else "cpu"] // len(weight))
+    total = torch.zeros((), device=x.device)
+    with torch.autocast(device, enabled=False):
+        for i in range(0, len(x), rows):
+            xc, t = x[i:i + rows], targets[i:i + rows]
+            counted, t = (t != -100).float()[:, None], t.clamp(min=0)[:, None]
+            z = F.linear(xc, weight).float()  # (rows, vocab): the chunk's logits
+            target_logit, top = z.gather(1, t), z.amax(1, keepdim=True)
+            total_exp = z.sub_(top).exp_().sum(1, keepdim=True)  # z is now exp(logits - top)
+            total = total + ((top + total_exp.log() - target_logit) * counted).sum()
+            if grad_x is None and grad_w is None:
+                continue
+            g = z.mul_(counted / total_exp).scatter_add_(1, t, -counted)  # softmax - one-hot
+            g = g.to(dtype)  # as the plain backward casts the logits' gradient
+            if grad_x is not None:
+                grad_x[i:i + rows] = g @ weight
+            if grad_w is not None and grad_w.dtype == dtype:
+                grad_w.addmm_(g.t(), xc)
+            elif grad_w is not None:  # a low-precision product, as the plain one, summed in float32
+                grad_w += g.t() @ xc
+    return total
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """logits = x weight^T and their mean cross-entropy with the targets, ignoring -100 targets as
-    F.cross_entropy does, with one (N, vocab) buffer besides the logits, where the plain path
-    writes three more (log-probabilities, a zero-filled gradient, the logits' gradient). With
-    50,257 words these buffers are most of a small model's step on a CPU, where each fresh buffer
-    over 32 MB also costs a page fault per 4 kB: measured 1.21x transformers' training step on the
-    small preset, 1.05x on 270M (bench.py). The loss goes 2^22 values (16 MB) at a time, which the
-    allocator reuses; the backward writes softmax - one-hot once, in place, and multiplies it into
-    both gradients."""
+    """The mean cross-entropy of the logits x weight^T with the targets, the logits never whole: a
+    chunk of rows at a time (cross_entropy_chunks), the gradients computed in the same pass, so
+    that backward only multiplies them by the loss's gradient. It holds one chunk's logits and the
+    gradients, (N, hidden) and (vocab, hidden) in float32, where the plain path holds the logits and
+    up to three more (N, vocab) buffers (log-probabilities, a zero-filled gradient, the logits'
+    gradient), under autocast also low-precision logits and their gradient. With Gemma's own
+    262,144 words these are a step's largest tensors, and on a CPU each fresh one also costs a
+    page fault per 4 kB: one float32 training step of 1 x 1024 tokens at 270m's width (2 layers,
+    bench.py --only loss; one float32 copy of the logits is 1,024 MB) peaked at 4,348 MB plain,
+    1,478 MB chunked, most of it the two (vocab, hidden) gradients of the tied embedding.
+    A chunk is 2^24 float32 values (64 MB, 64 rows of 262,144 words) on a CPU: the weight's
+    gradient is read and written once a chunk, so that much smaller chunks cost time. On a GPU a
+    chunk is 2^27 values (512 rows of 262,144 words), for the matrix multiplies' sake: the same
+    reasoning, not measured (no GPU was lent)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets):  # x: (N, hidden), weight: (vocab, hidden), targets: (N,)
-        ctx.set_materialize_grads(False)  # no zero-filled (N, vocab) gradient for unused logits
-        logits = F.linear(x, weight)
-        rows, ctx.count = max(1, 2 ** 22 // len(weight)), (targets != -100).sum()
-        ctx.save_for_backward(x, weight, targets, logits)
-        chunks = zip(logits.split(rows), targets.split(rows))
-        loss = sum(F.cross_entropy(block.float(), t, reduction="sum") for block, t in chunks)
-        return logits, loss / ctx.count
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        count = (targets != -100).sum()
+        loss = cross_entropy_chunks(x, weight, targets, grad_x, grad_w) / count
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(count, grad_x, grad_w)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_logits, grad_loss):
-        x, weight, targets, logits = ctx.saved_tensors
-        scale = 0.0 if grad_loss is None else grad_loss / ctx.count
-        scale = (targets != -100) * scale  # 0 for an ignored target
-        g = logits.float().softmax(-1).mul_(scale[:, None])
-        g = g.scatter_add_(1, targets.clamp(min=0)[:, None], -scale[:, None])  # (p - one-hot) x scale
-        g = g.to(logits.dtype)
-        if grad_logits is not None:  # the logits fed something else too
-            g += grad_logits
-        return g @ weight, g.t() @ x, None
+    def backward(ctx, grad_loss):  # in place: a second backward (retain_graph) fails, not wrong
+        count, grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / count
+        grad_x = None if grad_x is None else grad_x.mul_(scale)
+        grad_w = None if grad_w is None else grad_w.mul_(scale).to(ctx.weight_dtype)
+        return grad_x, grad_w, None
 
 
+@torch.compiler.disable  # a graph break inside torch.compile, which would unroll the chunks
 def linear_cross_entropy(x, weight, targets):
-    """x: (B, T, hidden), weight: (vocab, hidden), targets: (B, T) -> logits (B, T, vocab), loss."""
-    logits, loss = LinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten())
-    return logits.view(*targets.shape, -1), loss
+    """x: (B, T, hidden) or (N, hidden), weight: (vocab, hidden), targets: (B, T) or (N,), -100
+    where there is none -> the mean cross-entropy of the logits x weight^T, a 0-dim float32
+    tensor: the plain path's F.cross_entropy(F.linear(x, weight).float(), targets), in value and
+    gradient, with no gradient buffers where no gradient is wanted (torch.no_grad, or neither
+    input needs one)."""
+    x, targets = x.flatten(0, -2), targets.flatten()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(x, weight, targets)
+    return cross_entropy_chunks(x, weight, targets) / (targets != -100).sum()
 
 
 class CompileOrEager(nn.Module):

@@ -59,8 +59,9 @@ def test_profile_finds_the_same_matrix_multiplies_in_both_models(monkeypatch, ca
     monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))  # longer than the window of 4
     bench.main(["--profile", "--preset", "tiny"])
     out = capsys.readouterr().out
-    assert "the same matrix multiplies (shapes and counts) in both: True" in out
-    assert "gemma.py, tiny, 2 x 12 tokens: aten::mm" in out and "transformers, tiny, 2 x 12 tokens: aten::mm" in out
+    assert "the same matrix multiplies in the blocks (shapes and counts) in both: True" in out
+    assert "gemma.py, tiny, 2 x 12 tokens: aten::mm and addmm" in out
+    assert "transformers, tiny, 2 x 12 tokens: aten::mm and addmm" in out
 
 
 def test_before_and_after_compares_two_revisions_with_the_same_weights(tmp_path, monkeypatch):
@@ -109,6 +110,7 @@ def test_training_section_runs_each_dtype_and_reports_consistent_figures(dtype, 
     assert r["datasheet_flops"] is None and r["card"] == "cpu"
 
 
+@pytest.mark.slow
 def test_sliding_and_decode_sections_run_on_the_cpu_with_consistent_figures(monkeypatch, tmp_path):
     monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
     out = tmp_path / "results.json"
@@ -121,6 +123,20 @@ def test_sliding_and_decode_sections_run_on_the_cpu_with_consistent_figures(monk
     assert runs["bfloat16"]["weight_bytes"] * 2 == runs["float32"]["weight_bytes"]
     for x in runs.values():
         assert x["fraction_of_bandwidth"] == pytest.approx(x["weight_bytes"] * x["tokens_per_s"] / decode["bandwidth"])
+
+
+@pytest.mark.slow
+def test_loss_section_runs_both_paths_in_fresh_processes_and_reports_consistent_figures(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "LOSS_VOCAB", 8192)  # 270m's width, 2 layers, a vocabulary 32 times smaller
+    monkeypatch.setitem(bench.LOSS_SHAPES, "cpu", (2, 64))
+    out = tmp_path / "results.json"
+    bench.main(["--only", "loss", "--device", "cpu", "--out", str(out)])
+    r = json.loads(out.read_text())["loss"]
+    assert (r["vocab_size"], r["batch"], r["tokens"], r["dtype"]) == (8192, 2, 64, "float32")
+    assert r["logits_bytes"] == 2 * 64 * 8192 * 4  # one float32 copy: 4 MB
+    assert r["ratio"] == pytest.approx(r["plain"]["peak_memory"] / r["chunked"]["peak_memory"])
+    assert r["loss_difference"] < 1e-5  # the same weights and batch in both processes: the same loss
+    assert r["plain"]["peak_memory"] >= r["logits_bytes"]  # the plain path holds the logits at least once
 
 
 @pytest.mark.slow

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM,
 import checkpoint
 import hf
 from checkpoint import UserError
-from conftest import FULL, SLIDING, cli, tiny_model
+from conftest import FULL, SLIDING, cli, random_transformers_model, tiny_gemma_tokenizer, tiny_model
 from gemma import Gemma, GemmaConfig, TrainConfig
-from prepare import gpt2_tokenizer
+from prepare import gpt2_tokenizer, load_tokenizer
 
 # Two shapes, so that a parity which holds for one only cannot pass: 4 query heads on 1 key/value head with window 4,
 # and 6 query heads on 2 with window 3 over a length that is no multiple of it. Both are longer than the window, and
@@ -39,19 +39,6 @@ CASES = {
 
 def gemma_config(d):
     return GemmaConfig(**hf.gemma_settings(d))
-
-
-def random_transformers_model(settings, seed=0, **overrides):
-    """A transformers Gemma 3 with random weights, norms included (they start at zero), float32, eval mode."""
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(**{**settings, "layer_types": list(settings["layer_types"]), **overrides},
-                              pad_token_id=None, attn_implementation="eager")
-    model = Gemma3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0, 0.5)
-    return model
 
 
 def gemma_with_weights_of(hf_model, settings):
@@ -76,7 +63,8 @@ def test_parity_logits_loss_and_every_gradient_equal_transformers_gemma3(case):
     ours = gemma_with_weights_of(theirs, settings)
     idx = torch.randint(0, settings["vocab_size"], (B, T))
     out = theirs(idx, labels=idx)  # transformers shifts the labels itself
-    logits, loss = ours(idx, F.pad(idx[:, 1:], (0, 1), value=-100))  # gemma.py takes them shifted; the last has none
+    logits = ours(idx)[0]  # with targets, the loss is computed without keeping the logits
+    loss = ours(idx, F.pad(idx[:, 1:], (0, 1), value=-100))[1]  # gemma.py takes them shifted; the last has none
     out.loss.backward()
     loss.backward()
     hf_params = dict(theirs.named_parameters())  # the tied lm_head is the embedding: one gradient, both uses
@@ -203,25 +191,6 @@ def test_load_pretrained_names_missing_and_unexpected_weights(tmp_path):
         Gemma.from_pretrained(str(tmp_path))
 
 
-def tiny_gemma_tokenizer():
-    """A tokenizer built as Gemma's is (BPE over text whose spaces are "▁", byte fallback, <bos> in front), over 103
-    pieces: letters, a few words, and the two bytes of "é"."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors
-    merges = {}
-    for word in ["Once", "upon", "a", "time", "there", "was", "little", "girl", "named", "Lily"]:
-        for i in range(len(word)):
-            merges["▁" + word[:i], word[i]] = None
-    letters = sorted(set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,!?'"))
-    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "<0xC3>", "<0xA9>", "▁", *letters, *dict.fromkeys(a + b for a, b in merges)]
-    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, list(merges), unk_token="<unk>",
-                                     byte_fallback=True, fuse_unk=True))
-    tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    tokenizer.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
-    return tokenizer
-
-
 def test_sample_with_init_from_a_checkpoint_and_its_tokenizer_continues_as_transformers_generate(tmp_path):
     tokenizer = tiny_gemma_tokenizer()
     settings = {**CASES["mqa_window4"][0], "vocab_size": tokenizer.get_vocab_size()}
@@ -229,7 +198,7 @@ def test_sample_with_init_from_a_checkpoint_and_its_tokenizer_continues_as_trans
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     with open(tmp_path / "tokenizer_config.json", "w") as f:
         json.dump({"tokenizer_class": "GemmaTokenizer"}, f)
-    ours = hf.load_tokenizer(str(tmp_path))
+    ours = load_tokenizer(str(tmp_path))
     prompt = "Once upon a time there was a little girl named Lily. Café!"
     ids = AutoTokenizer.from_pretrained(tmp_path)(prompt).input_ids
     assert ours.encode_ordinary(prompt) == ids and ids[0] == 2 and ours.eot_token == 1
@@ -252,7 +221,7 @@ def test_an_exported_model_loads_in_transformers_with_gpt2_tokenizer_and_generat
     with torch.no_grad():  # weights 3x their initial size: a greedy continuation that varies, not one token repeated
         for p in model.parameters():
             p.mul_(3 if p.dim() == 2 else 1)
-    hf.export(model, tmp_path)
+    hf.export(model, gpt2_tokenizer(), tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert theirs.dtype == torch.float32 and theirs.model.embed_tokens.padding_idx is None
     assert theirs.config.rope_parameters["sliding_attention"]["rope_theta"] == model.config.rope_local_base_freq

