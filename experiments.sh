@@ -2,7 +2,8 @@
 # The exact commands behind every result in README.md, on the TinyStories excerpt in ../shared.
 #   bash experiments.sh data        # tokenize the shared stories into data-shared/
 #   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each, then equal tokens and equal wall-clock
-#   bash experiments.sh small       # the CPU recipe (about 25 minutes on 2 quiet cores): the small preset, its curve and three stories
+#   bash experiments.sh small       # the CPU recipe, --preset small: two seeds of about 30 minutes each on 2 quiet cores
+#   bash experiments.sh small-before  # the small preset before the search (21 minutes): the README's older figures
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
 #   bash experiments.sh baseline    # this gemma.py against the one before the speedups/checkpoint split
 #   bash experiments.sh gpu         # the acceptance run on a GPU machine: about ten minutes on one H100
@@ -74,7 +75,48 @@ PY
     python plot.py runs/sweep/adamw-lr$adamw_lr runs/sweep/muon-lr$muon_lr runs/sweep/muon+adamw-lr$adamw_lr -o assets/adamw_vs_muon.png
     ;;
 small)
-    /usr/bin/time -f "wall clock: %e s" python gemma.py train --preset small --data_dir $DATA --out_dir runs/small
+    # The CPU recipe (--preset small, the search's winner) on both shared training files, twice (seeds 1 and 2),
+    # about 30 minutes each on 2 quiet cores: every evaluation, the tokens, the wall-clock and the settings go to
+    # assets/small_30min.json, from which the README's table is made; then the curves and three stories.
+    python prepare.py --train_files $SHARED/train.jsonl $SHARED/train-extra.jsonl \
+                      --validation_files $SHARED/validation.jsonl --data_dir data-all
+    python - <<'PY'
+import json, os, platform, shutil, subprocess, sys, time
+from dataclasses import asdict
+import torch
+from gemma import PRESETS
+runs = []
+for seed in (1, 2):
+    out = f"runs/small-seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, "gemma.py", "train", "--preset", "small", "--data_dir", "data-all", "--seed",
+                    str(seed), "--out_dir", out], check=True)
+    seconds = time.time() - t0
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    evaluations = [dict(step=r["step"], tokens=r["tokens"], val_loss=round(r["val_loss"], 4)) for r in rows
+                   if "val_loss" in r]
+    runs.append(dict(seed=seed, wall_clock_s=round(seconds), tokens=evaluations[-1]["tokens"],
+                     tokens_per_s=round(evaluations[-1]["tokens"] / seconds), val_loss=evaluations[-1]["val_loss"],
+                     evaluations=evaluations))
+    print(runs[-1], flush=True)
+model, training = PRESETS["small"]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+json.dump(dict(command="python gemma.py train --preset small --data_dir data-all --seed SEED",
+               machine=dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__),
+               data="train.jsonl + train-extra.jsonl (1,527,733 tokens); validation.jsonl's 64 fixed windows",
+               model=asdict(model), training=training, runs=runs),
+          open("assets/small_30min.json", "w"), indent=2)
+PY
+    python plot.py runs/small-seed1 runs/small-seed2 -o assets/small_30min_loss.png
+    python gemma.py sample --out_dir runs/small-seed1 --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
+        --max_new_tokens 120 "Once upon a time"
+    ;;
+small-before)
+    # The small preset as it was before the search (AdamW, 6 layers of width 128, train.jsonl only): the README's
+    # older figures, kept for comparison (21 minutes on 2 quiet cores)
+    /usr/bin/time -f "wall clock: %e s" python gemma.py train --preset small --optimizer adamw --lr 0.128 \
+        --warmup_steps 25 --max_steps 500 --eval_interval 50 --data_dir $DATA --out_dir runs/small
     python plot.py runs/small -o assets/small_loss.png
     python gemma.py sample --out_dir runs/small --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
         --max_new_tokens 120 "Once upon a time"
@@ -82,6 +124,7 @@ small)
 bench)
     python bench.py --compile --out assets/bench_cpu.json
     python bench.py --only decode --preset 270m --out assets/bench_cpu_decode.json  # against the memory bandwidth
+    python bench.py --only loss --out assets/bench_cpu_loss.json  # peak memory at 262,144 words: plain and chunked loss
     ;;
 gpu)
     # everything a user does on a fresh GPU machine: bench.py on the 270M configuration (bfloat16 and float16,
@@ -118,8 +161,14 @@ recipes = {  # name: flags on top of the small preset (6 layers, width 128, Adam
                            "--intermediate_size 768 --head_dim 48".split(),
     "feed-forward 1024": "--intermediate_size 1024".split(),
     "block 128, window 64": "--block_size 128 --batch_size 32 --sliding_window 64".split(),
-    "warm-up 10, floor 0.0": "--warmup_steps 10 --min_lr_ratio 0.0".split(),
-    "compiled": ["--compile"],
+}
+muon = "--optimizer muon --muon_lr 0.04 --lr 0.256".split()  # the first pass's leader, and what it tries next
+recipes |= {
+    "Muon, batch 2048 tokens": muon + "--batch_size 8 --total_batch_size 2048".split(),
+    "Muon 0.04 + AdamW 0.256, again": muon,  # the same recipe on the day's machine: the control
+    "Muon, warm-up 10, floor 0.0": muon + "--warmup_steps 10 --min_lr_ratio 0.0".split(),
+    "Muon, compiled": muon + ["--compile"],
+    "Muon, bfloat16": muon + "--dtype bfloat16".split(),
 }
 results = json.load(open(out)) if os.path.exists(out) else {}
 for name, flags in recipes.items():
