@@ -71,9 +71,10 @@ class GemmaConfig:
 PRESETS = {
     "270m": (GemmaConfig(), {}),
     "small": (GemmaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6,
-                          head_dim=32, sliding_window=128),  # about 21 minutes on 2 CPU cores
-              dict(block_size=256, batch_size=16, total_batch_size=4096, lr=0.128, warmup_steps=25,
-                   max_steps=500, eval_interval=50, eval_windows=64, log_interval=10)),
+                          head_dim=32, sliding_window=128),  # about 30 minutes on 2 CPU cores
+              dict(block_size=256, batch_size=16, total_batch_size=4096, eval_windows=64,
+                   optimizer="muon", muon_lr=0.04, lr=0.256, warmup_steps=25, max_steps=640,
+                   eval_interval=80)),
 }
 
 # ----- The model's parts, from small to large -----------------------------------------------------
@@ -602,8 +603,7 @@ def evaluate_files(c):
         offsets = torch.arange(0, tokens.size - c.block_size, c.block_size)  # side by side
         float32 = torch.autocast(device.type, enabled=False)
         loss = evaluate(model.to(device), tokens, offsets, c, device, float32)
-    print(f"loss {loss:.4f} nats per token, perplexity {math.exp(loss):.2f} on {len(offsets)} "
-          f"windows of {c.block_size} tokens")
+    print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}, {len(offsets)} windows")
 
 
 # ----- Command line: each option is a dataclass field; its comment is its --help ------------------
