@@ -148,8 +148,9 @@ search)
     MINUTES=${MINUTES:-5} python - <<'PY'
 import json, os, shutil, statistics, subprocess, sys, time
 minutes, out = float(os.environ["MINUTES"]), f"assets/small_search_{os.environ['MINUTES']}min.json"
-small = "--preset small --data_dir data-all --eval_windows 64 --log_interval 10".split()
-recipes = {  # name: flags on top of the small preset (6 layers, width 128, AdamW lr 0.128, 16 x 256 tokens)
+# the small preset as it was before the search (6 layers, width 128, AdamW lr 0.128, 16 x 256 tokens)
+small = "--preset small --data_dir data-all --eval_windows 64 --log_interval 10 --optimizer adamw --lr 0.128".split()
+recipes = {  # name: flags on top of it
     "preset (AdamW 0.128)": [],
     "Muon 0.02 + AdamW 0.512": "--optimizer muon --muon_lr 0.02 --lr 0.512".split(),
     "Muon 0.04 + AdamW 0.256": "--optimizer muon --muon_lr 0.04 --lr 0.256".split(),

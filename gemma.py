@@ -289,7 +289,7 @@ class Gemma(nn.Module):
             if use_cache:  # 2) one token a step, against the cache
                 logits = step(idx[:, -1:], cache=cache, pos=idx.size(1) - 1)[0][:, -1]
             else:
-                logits = self(idx)[0][:, -1]
+                logits = self(idx, last=True)[0][:, -1]
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """idx (B, T) -> (B, T + new tokens): the prompt followed by what `stream` generates."""

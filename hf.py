@@ -3,7 +3,7 @@ hf.py: gemma.py's model in and out of Hugging Face's format: sample from google/
 trained here in transformers.
 
     python gemma.py sample --init_from gemma-3-270m "Once upon a time"  # a downloaded Hugging Face checkpoint directory
-    python gemma.py export --out_dir out --hf_dir hf                    # out/ckpt.pt -> hf/ (config, weights, tokenizer)   
+    python gemma.py export --out_dir out --hf_dir hf                    # out/ckpt.pt -> hf/ (config, weights, tokenizer)
     python -m pytest test_hf.py                                         # parity with transformers, and both round trips
 
     from transformers import AutoModelForCausalLM, AutoTokenizer    # then, in Python, the exported model

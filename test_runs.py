@@ -368,6 +368,7 @@ def test_the_readme_cpu_quick_start_runs_as_written(tmp_path):
     assert [c[:2] for c in commands] == [["python", "prepare.py"], ["python", "gemma.py"],
                                          ["python", "gemma.py"], ["python", "plot.py"]]
     write_jsonl(tmp_path / "train.jsonl", generated_stories(300))
+    write_jsonl(tmp_path / "train-extra.jsonl", generated_stories(100, seed=2))
     write_jsonl(tmp_path / "validation.jsonl", generated_stories(30, seed=1))
     data = ["--data_dir", str(tmp_path / "data")]
     short = ["--max_steps", "2", "--eval_interval", "2", "--eval_windows", "2", "--batch_size", "4",
