@@ -8,7 +8,6 @@ gemma.py: Gemma 3 270M from scratch, trained on TinyStories, in one readable fil
     python gemma.py sample "Once upon a time"   # stream a story from the latest checkpoint
     python gemma.py export --hf_dir hf          # the checkpoint as a Hugging Face model
     python gemma.py eval --files my_stories.txt # the loss on your own held-out stories
-    python gemma.py train --init_from gemma-3-270m --data_dir data-gemma  # fine-tune Google's
     torchrun --nproc_per_node=8 gemma.py train  # several GPUs (DistributedDataParallel)
 
 Read top to bottom, in the order data flows. Each part is its plain definition; speedups.py gives
@@ -481,10 +480,11 @@ def train(c, model_config, ckpt=None):
         if master and (step % c.eval_interval == 0 or step == c.max_steps) and not evaluated:
             val_loss = evaluate(model, val_set, val_offsets, c, device, autocast)
             best_val_loss = min(best_val_loss, val_loss)
+            perplexity = math.exp(min(val_loss, 700))  # e^700 already says "diverged"
             print(f"step {step}: validation loss {val_loss:.4f} (perplexity "
-                  f"{math.exp(val_loss):.2f}), best {best_val_loss:.4f}; checkpoint {ckpt_path}")
+                  f"{perplexity:.2f}), best {best_val_loss:.4f}; checkpoint {ckpt_path}")
             checkpoint.log_metrics(metrics, step, c.total_batch_size, val_loss=val_loss,
-                                   val_perplexity=math.exp(val_loss))
+                                   val_perplexity=perplexity)
             checkpoint.save(ckpt_path, checkpoint.capture(**run, step=step, evaluated=True,
                                                           best_val_loss=best_val_loss))
         evaluated = False
@@ -591,8 +591,7 @@ class EvalConfig:
 
 
 def evaluate_files(c):
-    """The loss in nats per token on the stories of c.files, tokenized with the model's own
-    tokenizer and cut into windows that tile them: what fine-tuning changed, on held-out text."""
+    """The loss on the stories of c.files, in the model's own tokens, over side-by-side windows."""
     if min(c.block_size, c.batch_size) <= 0:
         raise UserError("--block_size and --batch_size must be positive")
     device = checkpoint.pick_device(c.device)
@@ -603,7 +602,8 @@ def evaluate_files(c):
         offsets = torch.arange(0, tokens.size - c.block_size, c.block_size)  # side by side
         float32 = torch.autocast(device.type, enabled=False)
         loss = evaluate(model.to(device), tokens, offsets, c, device, float32)
-    print(f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}, {len(offsets)} windows")
+    perplexity = math.exp(min(loss, 700))  # e^700 already says "diverged"
+    print(f"loss {loss:.4f} nats/token, perplexity {perplexity:.2f}, {len(offsets)} windows")
 
 
 # ----- Command line: each option is a dataclass field; its comment is its --help ------------------
