@@ -81,8 +81,9 @@ class HFTokenizer:
         # <bos>), then the end-of-text token after it, which marks where a story ends.
         framed, text = (self.tokenizer.encode("a", add_special_tokens=s).ids for s in (True, False))
         self.prefix = framed[:framed.index(text[0])] if text else framed
+        self.config = self.settings()  # tokenizer_config.json, read once
         self.bos, self.eot_token = self.special_id("bos"), self.special_id("eos")
-        if self.bos is not None and self.prefix[:1] != [self.bos] and self.settings().get("add_bos_token"):
+        if self.bos is not None and self.prefix[:1] != [self.bos] and self.config.get("add_bos_token"):
             self.prefix = [self.bos] + self.prefix  # the template lacks the <bos> the config asks for
         if self.eot_token is None:
             raise PrepareError(f"cannot tell the end-of-text token of {self.name}: give its "
@@ -95,7 +96,7 @@ class HFTokenizer:
     def special_id(self, kind):
         """The id of the <bos> or <eos> token: named in tokenizer_config.json, else the model's
         config.json id (a list in the instruction-tuned models, which stop at either of two)."""
-        token = self.settings().get(f"{kind}_token")
+        token = self.config.get(f"{kind}_token")
         token = token.get("content") if isinstance(token, dict) else token
         if token is not None:
             return self.tokenizer.token_to_id(token)
@@ -126,7 +127,7 @@ class HFTokenizer:
             if os.path.isfile(os.path.join(self.directory, name)):
                 shutil.copy(os.path.join(self.directory, name), os.path.join(directory, name))
         shutil.copy(self.name, os.path.join(directory, "tokenizer.json"))  # byte for byte
-        settings = {"tokenizer_class": "PreTrainedTokenizerFast", **self.settings(),
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config,
                     "eos_token": self.tokenizer.id_to_token(self.eot_token)}
         if self.bos is not None:
             settings["bos_token"] = self.tokenizer.id_to_token(self.bos)
