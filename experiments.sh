@@ -165,11 +165,16 @@ recipes = {  # name: flags on top of it
 }
 muon = "--optimizer muon --muon_lr 0.04 --lr 0.256".split()  # the first pass's leader, and what it tries next
 recipes |= {
-    "Muon, batch 2048 tokens": muon + "--batch_size 8 --total_batch_size 2048".split(),
-    "Muon 0.04 + AdamW 0.256, again": muon,  # the same recipe on the day's machine: the control
-    "Muon, warm-up 10, floor 0.0": muon + "--warmup_steps 10 --min_lr_ratio 0.0".split(),
-    "Muon, compiled": muon + ["--compile"],
-    "Muon, bfloat16": muon + "--dtype bfloat16".split(),
+    "Muon 0.04 + AdamW 0.256, again": muon,  # the same recipe on the day's machine and code: the control
+    "Muon, bfloat16": muon + "--dtype bfloat16".split(),  # autocast: the matrix multiplies in bfloat16
+}
+muon = muon + "--dtype bfloat16".split()  # the second pass's leader
+recipes |= {
+    "Muon, bfloat16, compiled": muon + ["--compile"],
+    "Muon, bfloat16, warm-up 10, floor 0.0": muon + "--warmup_steps 10 --min_lr_ratio 0.0".split(),
+    "Muon, bfloat16, batch 2048 tokens": muon + "--batch_size 8 --total_batch_size 2048".split(),
+    "Muon, bfloat16, GQA 4/2": muon + "--num_key_value_heads 2".split(),
+    "Muon, bfloat16, head 64 (2 heads)": muon + "--head_dim 64 --num_attention_heads 2".split(),
 }
 results = json.load(open(out)) if os.path.exists(out) else {}
 for name, flags in recipes.items():

@@ -136,25 +136,33 @@ def cross_entropy_chunks(x, weight, targets, grad_x=None, grad_w=None):
     chunk of rows at a time, each chunk's logits computed as the plain path computes them: F.linear
     in autocast's dtype where it is on, then float32. Where given, adds each chunk's (softmax -
     one-hot) x weight into grad_x (N, hidden) and its transpose times x into grad_w (vocab, hidden),
-    multiplied in the dtype the plain backward multiplies in, and not yet divided by the count."""
+    multiplied in the dtype the plain backward multiplies in, and not yet divided by the count.
+    Every chunk reuses the first chunk's buffers: on a CPU a fresh tensor this large comes from
+    the system page by page, and those page faults cost as much as the softmax."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     x, weight = x.to(dtype), weight.to(dtype)  # what autocast's F.linear multiplies
-    rows = max(1, LOSS_CHUNK["cuda" if x.is_cuda else "cpu"] // len(weight))
+    rows = min(len(x), max(1, LOSS_CHUNK["cuda" if x.is_cuda else "cpu"] // len(weight)))
+    logits = torch.empty(rows, len(weight), dtype=dtype, device=x.device)  # in x's dtype
+    z = logits if dtype == torch.float32 else torch.empty_like(logits, dtype=torch.float32)
     total = torch.zeros((), device=x.device)
     with torch.autocast(device, enabled=False):
         for i in range(0, len(x), rows):
             xc, t = x[i:i + rows], targets[i:i + rows]
+            n = len(xc)
             counted, t = (t != -100).float()[:, None], t.clamp(min=0)[:, None]
-            z = F.linear(xc, weight).float()  # (rows, vocab): the chunk's logits
-            target_logit, top = z.gather(1, t), z.amax(1, keepdim=True)
-            total_exp = z.sub_(top).exp_().sum(1, keepdim=True)  # z is now exp(logits - top)
+            zc = torch.mm(xc, weight.t(), out=logits[:n])  # (n, vocab): the chunk's logits
+            zc = zc if z is logits else z[:n].copy_(zc)  # then in float32
+            target_logit, top = zc.gather(1, t), zc.amax(1, keepdim=True)
+            total_exp = zc.sub_(top).exp_().sum(1, keepdim=True)  # zc is now exp(logits - top)
             total = total + ((top + total_exp.log() - target_logit) * counted).sum()
             if grad_x is None and grad_w is None:
                 continue
-            g = z.mul_(counted / total_exp).scatter_add_(1, t, -counted)  # softmax - one-hot
-            g = g.to(dtype)  # as the plain backward casts the logits' gradient
-            if grad_x is not None:
+            g = zc.mul_(counted / total_exp).scatter_add_(1, t, -counted)  # softmax - one-hot
+            g = g if z is logits else logits[:n].copy_(g)  # as the plain backward casts it
+            if grad_x is not None and grad_x.dtype == dtype:
+                torch.mm(g, weight, out=grad_x[i:i + rows])
+            elif grad_x is not None:
                 grad_x[i:i + rows] = g @ weight
             if grad_w is not None and grad_w.dtype == dtype:
                 grad_w.addmm_(g.t(), xc)
