@@ -20,12 +20,11 @@ from dataclasses import fields, replace
 
 import torch
 
+import hf  # a Hugging Face checkpoint's settings, for --init_from
+from prepare import UserError  # every module's one error class
+
 # fields of the model's configuration that a resumed run may change: they hold no weights
 ARCHITECTURE_FREE = {"max_position_embeddings"}
-
-
-class UserError(Exception):
-    """A mistake the user can fix: reported as one line, with no traceback and a non-zero exit."""
 
 
 def save(path, state):
@@ -110,15 +109,16 @@ def cpu_has_bfloat16():
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def pick_dtype(name, device, weights=False):
-    """auto: bfloat16 on GPUs that have it; float16 (with a gradient scaler) on those that do not,
-    such as a T4, and on Apple silicon; float32 on the CPU for training. For the weights of a model
-    that generates (weights=True), bfloat16 on a CPU that has bfloat16 instructions too: a token
-    reads every weight once, so half the bytes decode 2.1x faster eager, 2.4x compiled (bench.py's
-    decode section, 270m, an AMD EPYC with AVX512-BF16)."""
+def pick_dtype(name, device):
+    """The dtype a run trains in (under autocast) or a model generates in (its weights). auto:
+    bfloat16 wherever the device multiplies it natively: GPUs that have it, and CPUs with
+    AVX512-BF16 or AMX, where the small preset trains BF16_TRAIN faster than in float32 and a 270m
+    token decodes 2.1x faster eager, 2.4x compiled (bench.py, an AMD EPYC with AVX512-BF16);
+    float16 (with a gradient scaler) on GPUs without it, such as a T4, and on Apple silicon; float32
+    on other CPUs, which would convert bfloat16 at every multiply."""
     if name == "auto" and device.type == "cuda":
         name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    elif name == "auto" and device.type == "cpu" and weights and cpu_has_bfloat16():
+    elif name == "auto" and device.type == "cpu" and cpu_has_bfloat16():
         name = "bfloat16"
     elif name == "auto":
         name = "float16" if device.type == "mps" else "float32"
@@ -188,7 +188,6 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
     c = replace(c, **args)
     c.check()
     if c.init_from and ckpt is None:  # the checkpoint's model, whose weights have their shapes
-        import hf  # hf imports this module
         model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))
         if model_flags:
             raise UserError(f"--init_from gives the model: drop --{' --'.join(model_flags)}")

@@ -78,20 +78,25 @@ small)
     # The CPU recipe (--preset small, the search's winner) on both shared training files, twice (seeds 1 and 2),
     # about 30 minutes each on 2 quiet cores: every evaluation, the tokens, the wall-clock and the settings go to
     # assets/small_30min.json, from which the README's table is made; then the curves and three stories.
+    # FLAGS=... NAME=... adds flags and names the JSON assets/small_30min_NAME.json: the README's float32 runs are
+    # FLAGS="--dtype float32 --max_steps 640 --eval_interval 80" NAME=float32 (the first search's recipe)
     python prepare.py --train_files $SHARED/train.jsonl $SHARED/train-extra.jsonl \
                       --validation_files $SHARED/validation.jsonl --data_dir data-all
     python - <<'PY'
 import json, os, platform, shutil, subprocess, sys, time
 from dataclasses import asdict
 import torch
+import checkpoint
 from gemma import PRESETS
+flags, name = os.environ.get("FLAGS", "").split(), os.environ.get("NAME", "")
+suffix = f"_{name}" if name else ""
 runs = []
 for seed in (1, 2):
-    out = f"runs/small-seed{seed}"
+    out = f"runs/small{suffix}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     subprocess.run([sys.executable, "gemma.py", "train", "--preset", "small", "--data_dir", "data-all", "--seed",
-                    str(seed), "--out_dir", out], check=True)
+                    str(seed), "--out_dir", out, *flags], check=True)
     seconds = time.time() - t0
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     evaluations = [dict(step=r["step"], tokens=r["tokens"], val_loss=round(r["val_loss"], 4)) for r in rows
@@ -102,14 +107,17 @@ for seed in (1, 2):
     print(runs[-1], flush=True)
 model, training = PRESETS["small"]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-json.dump(dict(command="python gemma.py train --preset small --data_dir data-all --seed SEED",
-               machine=dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__),
+dtype = flags[flags.index("--dtype") + 1] if "--dtype" in flags else "auto"  # the preset leaves it auto
+dtype = checkpoint.pick_dtype(dtype, torch.device("cpu"))  # what auto is on this machine
+json.dump(dict(command=" ".join(["python gemma.py train --preset small --data_dir data-all --seed SEED", *flags]),
+               machine=dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__), dtype=str(dtype)[6:],
                data="train.jsonl + train-extra.jsonl (1,527,733 tokens); validation.jsonl's 64 fixed windows",
                model=asdict(model), training=training, runs=runs),
-          open("assets/small_30min.json", "w"), indent=2)
+          open(f"assets/small_30min{suffix}.json", "w"), indent=2)
 PY
-    python plot.py runs/small-seed1 runs/small-seed2 -o assets/small_30min_loss.png
-    python gemma.py sample --out_dir runs/small-seed1 --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
+    run=runs/small${NAME:+_$NAME}
+    python plot.py $run-seed1 $run-seed2 -o assets/small_30min${NAME:+_$NAME}_loss.png
+    python gemma.py sample --out_dir $run-seed1 --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
         --max_new_tokens 120 "Once upon a time"
     ;;
 small-before)
@@ -125,6 +133,8 @@ bench)
     python bench.py --compile --out assets/bench_cpu.json
     python bench.py --only decode --preset 270m --out assets/bench_cpu_decode.json  # against the memory bandwidth
     python bench.py --only loss --out assets/bench_cpu_loss.json  # peak memory at 262,144 words: plain and chunked loss
+    # the small preset's training step in float32 and in bfloat16 (autocast): what --dtype auto picks on a CPU
+    python bench.py --only train --preset small --dtype float32,bfloat16 --out assets/bench_cpu_small.json
     ;;
 gpu)
     # everything a user does on a fresh GPU machine: bench.py on the 270M configuration (bfloat16 and float16,

@@ -19,8 +19,7 @@ from dataclasses import asdict
 
 from safetensors.torch import load_file, save_file
 
-from checkpoint import UserError
-from prepare import HFTokenizer, read_json, write_json
+from prepare import HFTokenizer, UserError, read_json, write_json
 
 # GemmaConfig's fields, named as transformers' Gemma3TextConfig names them
 FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

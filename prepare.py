@@ -45,8 +45,9 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 BATCH_SIZE = 1024  # stories per encode call: few thread start-ups, yet little memory
 
 
-class PrepareError(Exception):
-    """A mistake the user can fix (a wrong path, a wrong format): main prints it as one line."""
+class UserError(Exception):
+    """A mistake the user can fix (a wrong path, a wrong format, a wrong flag): the one error class
+    of every module here, which each command line prints as one line, with no traceback."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +74,7 @@ class HFTokenizer:
         try:
             self.tokenizer = Tokenizer.from_file(self.name)
         except Exception as e:  # the tokenizers library's error for a damaged file
-            raise PrepareError(f"{self.name} cannot be read ({e}): download it again") from None
+            raise UserError(f"{self.name} cannot be read ({e}): download it again") from None
         self.fingerprint = hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
         self.tokenizer.encode_special_tokens = True  # a story's text "<eos>" is text, not the token
         self.n_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -86,7 +87,7 @@ class HFTokenizer:
         if self.bos is not None and self.prefix[:1] != [self.bos] and self.config.get("add_bos_token"):
             self.prefix = [self.bos] + self.prefix  # the template lacks the <bos> the config asks for
         if self.eot_token is None:
-            raise PrepareError(f"cannot tell the end-of-text token of {self.name}: give its "
+            raise UserError(f"cannot tell the end-of-text token of {self.name}: give its "
                                'tokenizer_config.json an "eos_token"')
 
     def settings(self, name="tokenizer_config.json"):
@@ -167,7 +168,7 @@ def read_jsonl(path):
             except (ValueError, TypeError, KeyError):  # not JSON, not an object, no "text" field
                 text = None
             if not isinstance(text, str):
-                raise PrepareError(f'{path}:{line_number} is not a JSON object with a "text" string; '
+                raise UserError(f'{path}:{line_number} is not a JSON object with a "text" string; '
                                    'expected JSON lines like {"text": "Once upon a time..."}')
             yield text
 
@@ -177,9 +178,9 @@ def read_parquet(path):
     try:
         parquet = pyarrow.parquet.ParquetFile(path)
     except Exception as e:  # pyarrow's errors for a file that is not parquet vary by version
-        raise PrepareError(f"{path} is not a parquet file that pyarrow can read ({e})") from None
+        raise UserError(f"{path} is not a parquet file that pyarrow can read ({e})") from None
     if "text" not in parquet.schema_arrow.names:
-        raise PrepareError(f'{path} has no "text" column (it has {parquet.schema_arrow.names}); '
+        raise UserError(f'{path} has no "text" column (it has {parquet.schema_arrow.names}); '
                            'rename the column that holds the stories to "text"')
     for batch in parquet.iter_batches(batch_size=4096, columns=["text"]):
         yield from batch.column(0).to_pylist()
@@ -207,9 +208,9 @@ def check_files(paths):
     for path in paths:
         extension = os.path.splitext(path)[1].lower()
         if extension not in READERS:
-            raise PrepareError(f"{path}: unknown file type {extension!r}; use .jsonl/.json, .parquet or .txt")
+            raise UserError(f"{path}: unknown file type {extension!r}; use .jsonl/.json, .parquet or .txt")
         if not os.path.isfile(path):
-            raise PrepareError(f"{path}: no such file; check the path")
+            raise UserError(f"{path}: no such file; check the path")
 
 
 def read_stories(paths):
@@ -217,7 +218,7 @@ def read_stories(paths):
         try:
             yield from READERS[os.path.splitext(path)[1].lower()](path)
         except UnicodeDecodeError as e:
-            raise PrepareError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def hub_stories(split):
@@ -227,7 +228,7 @@ def hub_stories(split):
         dataset = datasets.load_dataset(HUB_DATASET, split=split)  # downloads once, then cached
     except Exception as e:  # no network, hub down, ...: whatever the cause, the way out is the same
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise PrepareError(f"could not load {HUB_DATASET} from the Hugging Face hub ({reason}); "
+        raise UserError(f"could not load {HUB_DATASET} from the Hugging Face hub ({reason}); "
                            "pass local files with --train_files F [F ...] --validation_files F [F ...]")
     # .iter reads the memory-mapped Arrow cache a batch at a time, never the whole split at once.
     return (text for batch in dataset.iter(batch_size=4096) for text in batch["text"]), dataset.num_rows
@@ -332,7 +333,7 @@ def read_meta(data_dir):
     try:
         return {**describe(gpt2_tokenizer()), **(read_json(path) if os.path.isfile(path) else {})}
     except ValueError:
-        raise PrepareError(f"{path} is damaged: run prepare.py again") from None
+        raise UserError(f"{path} is damaged: run prepare.py again") from None
 
 
 def load_tokens(data_dir, split, block_size, vocab_size):
@@ -340,21 +341,21 @@ def load_tokens(data_dir, split, block_size, vocab_size):
     with a hint, not mid-run. Returns its TokenFile."""
     path, meta = os.path.join(data_dir, f"{split}.bin"), read_meta(data_dir)
     if not os.path.isfile(path):
-        raise PrepareError(f"no {path}: run `python prepare.py --data_dir {data_dir}` first "
+        raise UserError(f"no {path}: run `python prepare.py --data_dir {data_dir}` first "
                            "(or pass --data_dir)")
     dtype = np.dtype(meta["dtype"])
     if os.path.getsize(path) % dtype.itemsize:
-        raise PrepareError(f"{path} is not a whole number of {dtype} tokens: it is truncated; "
+        raise UserError(f"{path} is not a whole number of {dtype} tokens: it is truncated; "
                            "run prepare.py again")
     data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0)
     if len(data) < block_size + 1:
-        raise PrepareError(f"{path} holds {len(data)} tokens, fewer than one block of {block_size}"
+        raise UserError(f"{path} holds {len(data)} tokens, fewer than one block of {block_size}"
                            " + 1: prepare more text or lower --block_size")
     if int(data.max()) >= min(vocab_size, meta["vocab_size"]):
         if meta["vocab_size"] <= vocab_size:  # its tokenizer fits the model: the file is wrong
-            raise PrepareError(f"{path} holds token id {int(data.max())}, beyond the vocabulary of "
+            raise UserError(f"{path} holds token id {int(data.max())}, beyond the vocabulary of "
                                f"{meta['tokenizer']} that made it: it is damaged; run prepare.py again")
-        raise PrepareError(f"{path} was made with {meta['tokenizer']} ({meta['vocab_size']:,} words), "
+        raise UserError(f"{path} was made with {meta['tokenizer']} ({meta['vocab_size']:,} words), "
                            f"beyond the model's vocabulary of {vocab_size:,}: pass --vocab_size "
                            f"{meta['vocab_size']}, or prepare it with the model's tokenizer")
     return TokenFile(path, dtype.name, len(data))
@@ -369,7 +370,7 @@ def keep_tokenizer(data_dir, out_dir, init_from, resume, write):
     if model_dir or resume:
         model = describe(load_tokenizer(model_dir))
         if model["fingerprint"] != meta["fingerprint"]:
-            raise PrepareError(
+            raise UserError(
                 f"{data_dir} was tokenized with {meta['tokenizer']} ({meta['vocab_size']:,} words), "
                 f"but the model's tokenizer is {model['tokenizer']} ({model['vocab_size']:,} words): "
                 f"prepare the stories with it (`python prepare.py --tokenizer {model_dir or 'gpt2'} "
@@ -383,7 +384,7 @@ def keep_tokenizer(data_dir, out_dir, init_from, resume, write):
 def prepare(args):
     splits = {"validation": args.validation_files, "train": args.train_files}
     if (args.train_files is None) != (args.validation_files is None):
-        raise PrepareError("pass both --train_files and --validation_files, or neither to use the hub")
+        raise UserError("pass both --train_files and --validation_files, or neither to use the hub")
     for files in splits.values():
         check_files(files or [])
     os.environ["RAYON_NUM_THREADS"] = str(args.num_threads)  # the tokenizers library's threads
@@ -398,7 +399,7 @@ def prepare(args):
             n_tokens, n_stories = tokenize_stories(stories, final[split] + ".tmp", enc, args.num_threads,
                                                    total=total)
             if n_stories == 0:
-                raise PrepareError(f"no stories in the {split} data ({' '.join(files or [HUB_DATASET])}); "
+                raise UserError(f"no stories in the {split} data ({' '.join(files or [HUB_DATASET])}); "
                                    "check that it holds non-empty text")
             counts[split] = {"tokens": n_tokens, "stories": n_stories}
         for path in final.values():  # only now, with both complete, do they replace earlier files
@@ -419,7 +420,7 @@ def hf_tokenizer(path):
     """--tokenizer: a tokenizer.json, or a model directory that holds one."""
     directory = os.path.dirname(path) if os.path.basename(path) == "tokenizer.json" else path
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        raise PrepareError(f"--tokenizer {path}: no tokenizer.json there; pass a Hugging Face model "
+        raise UserError(f"--tokenizer {path}: no tokenizer.json there; pass a Hugging Face model "
                            "directory (such as a download of google/gemma-3-270m) or its tokenizer.json")
     return HFTokenizer(directory or ".")
 
@@ -446,7 +447,7 @@ def main(argv=None):
         parser.error("--num_threads must be at least 1")
     try:
         prepare(args)
-    except PrepareError as e:
+    except UserError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gemma
-from conftest import FULL, SLIDING, cli, tiny_config, tiny_model
+from conftest import FULL, cli, tiny_config, tiny_model
 from gemma import Gemma, GemmaConfig, KVCache, TrainConfig, make_optimizers, optimizer_step
 
 # ----- The file itself ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM,
 
 import checkpoint
 import hf
-from checkpoint import UserError
+from prepare import UserError
 from conftest import FULL, SLIDING, cli, random_transformers_model, tiny_gemma_tokenizer, tiny_model
 from gemma import Gemma, GemmaConfig, TrainConfig
 from prepare import gpt2_tokenizer, load_tokenizer

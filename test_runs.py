@@ -390,7 +390,7 @@ def test_export_without_gpt2_tokenizer_files_ends_in_one_line_and_writes_nothing
                                                                                  monkeypatch):
     import importlib.util
     import hf
-    from checkpoint import UserError
+    from prepare import UserError
     from conftest import tiny_model
     find_spec, tokenizer = importlib.util.find_spec, gpt2_tokenizer()  # built from those files
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -419,10 +419,10 @@ def test_resuming_on_a_machine_with_fewer_gpus_restores_the_generators_it_has(mo
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_sampling_weights_are_bfloat16_on_a_cpu_that_multiplies_it_natively(native, monkeypatch):
+def test_auto_dtype_is_bfloat16_on_a_cpu_that_multiplies_it_natively(native, monkeypatch):
     import checkpoint
     monkeypatch.setattr(checkpoint, "cpu_has_bfloat16", lambda: native)
-    cpu = torch.device("cpu")
-    assert checkpoint.pick_dtype("auto", cpu, weights=True) == (torch.bfloat16 if native else torch.float32)
-    assert checkpoint.pick_dtype("auto", cpu) == torch.float32  # training keeps float32 on a CPU
-    assert checkpoint.pick_dtype("float32", cpu, weights=True) == torch.float32
+    cpu = torch.device("cpu")  # for training (autocast) and for sampling (the weights) alike
+    assert checkpoint.pick_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert checkpoint.pick_dtype("float32", cpu) == torch.float32  # a dtype named is kept
+    assert checkpoint.pick_dtype("bfloat16", cpu) == torch.bfloat16
