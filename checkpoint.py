@@ -112,7 +112,7 @@ def cpu_has_bfloat16():
 def pick_dtype(name, device):
     """The dtype a run trains in (under autocast) or a model generates in (its weights). auto:
     bfloat16 wherever the device multiplies it natively: GPUs that have it, and CPUs with
-    AVX512-BF16 or AMX, where the small preset trains BF16_TRAIN faster than in float32 and a 270m
+    AVX512-BF16 or AMX, where the small preset's step runs 1.5x faster than in float32 and a 270m
     token decodes 2.1x faster eager, 2.4x compiled (bench.py, an AMD EPYC with AVX512-BF16);
     float16 (with a gradient scaler) on GPUs without it, such as a T4, and on Apple silicon; float32
     on other CPUs, which would convert bfloat16 at every multiply."""

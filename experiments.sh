@@ -2,7 +2,7 @@
 # The exact commands behind every result in README.md, on the TinyStories excerpt in ../shared.
 #   bash experiments.sh data        # tokenize the shared stories into data-shared/
 #   bash experiments.sh sweep       # AdamW vs Muon: a learning-rate sweep of each, then equal tokens and equal wall-clock
-#   bash experiments.sh small       # the CPU recipe, --preset small: two seeds of about 30 minutes each on 2 quiet cores
+#   bash experiments.sh small       # the CPU recipe, --preset small: two seeds of 25-30 minutes each on 2 quiet cores
 #   bash experiments.sh small-before  # the small preset before the search (21 minutes): the README's older figures
 #   bash experiments.sh bench       # python bench.py (speed against transformers)
 #   bash experiments.sh baseline    # this gemma.py against the one before the speedups/checkpoint split
@@ -76,7 +76,7 @@ PY
     ;;
 small)
     # The CPU recipe (--preset small, the search's winner) on both shared training files, twice (seeds 1 and 2),
-    # about 30 minutes each on 2 quiet cores: every evaluation, the tokens, the wall-clock and the settings go to
+    # 25-30 minutes each on 2 quiet cores (bfloat16): every evaluation, the tokens, the wall-clock and the settings go to
     # assets/small_30min.json, from which the README's table is made; then the curves and three stories.
     # FLAGS=... NAME=... adds flags and names the JSON assets/small_30min_NAME.json: the README's float32 runs are
     # FLAGS="--dtype float32 --max_steps 640 --eval_interval 80" NAME=float32 (the first search's recipe)

@@ -246,6 +246,9 @@ def test_without_gradients_the_chunked_loss_computes_no_gradient_buffers():
 
 @pytest.mark.slow
 def test_a_compiled_model_with_the_chunked_loss_equals_the_eager_plain_model():
+    # this test's shapes only: after test_bench's compilations of the same forward, torch 2.13
+    # compiles it for dynamic shapes, and that backward fails its own stride check (14 for 13)
+    torch._dynamo.reset()
     model = tiny_model()
     targets = loss_inputs()[2]
     idx = torch.randint(0, 101, (3, 13))
