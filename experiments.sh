@@ -82,14 +82,14 @@ small)
     # FLAGS="--dtype float32 --max_steps 640 --eval_interval 80" NAME=float32 (the first search's recipe)
     python prepare.py --train_files $SHARED/train.jsonl $SHARED/train-extra.jsonl \
                       --validation_files $SHARED/validation.jsonl --data_dir data-all
+    export SUFFIX=${NAME:+_$NAME}  # runs/small$SUFFIX-seedS, assets/small_30min$SUFFIX*
     python - <<'PY'
 import json, os, platform, shutil, subprocess, sys, time
 from dataclasses import asdict
 import torch
 import checkpoint
 from gemma import PRESETS
-flags, name = os.environ.get("FLAGS", "").split(), os.environ.get("NAME", "")
-suffix = f"_{name}" if name else ""
+flags, suffix = os.environ.get("FLAGS", "").split(), os.environ["SUFFIX"]
 runs = []
 for seed in (1, 2):
     out = f"runs/small{suffix}-seed{seed}"
@@ -115,9 +115,8 @@ json.dump(dict(command=" ".join(["python gemma.py train --preset small --data_di
                model=asdict(model), training=training, runs=runs),
           open(f"assets/small_30min{suffix}.json", "w"), indent=2)
 PY
-    run=runs/small${NAME:+_$NAME}
-    python plot.py $run-seed1 $run-seed2 -o assets/small_30min${NAME:+_$NAME}_loss.png
-    python gemma.py sample --out_dir $run-seed1 --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
+    python plot.py runs/small$SUFFIX-seed1 runs/small$SUFFIX-seed2 -o assets/small_30min${SUFFIX}_loss.png
+    python gemma.py sample --out_dir runs/small$SUFFIX-seed1 --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
         --max_new_tokens 120 "Once upon a time"
     ;;
 small-before)

@@ -420,7 +420,7 @@ def train_step(model, batches, scaler, autocast, accum, world):
 @torch.no_grad()
 def evaluate(model, tokens, offsets, c, device):
     """The mean loss on fixed validation windows, the same in every run, so that runs compare:
-    in float32 (autocast off) whatever the dtype a run trains in."""
+    in float32 (autocast off) whatever the dtype a run trains in; and its perplexity."""
     model.eval()
     total = 0.0
     for rows in offsets.split(c.batch_size):
@@ -428,7 +428,8 @@ def evaluate(model, tokens, offsets, c, device):
         with torch.autocast(device.type, enabled=False):
             total += model(x, y)[1].item() * len(rows)
     model.train()
-    return total / len(offsets)
+    loss = total / len(offsets)
+    return loss, math.exp(min(loss, 700))  # e^700 already says "diverged"
 
 
 def train(c, model_config, ckpt=None):
@@ -479,9 +480,8 @@ def train(c, model_config, ckpt=None):
     # 4) the loop: evaluate and save on schedule, then one optimizer step of `accum` micro-steps
     while True:
         if master and (step % c.eval_interval == 0 or step == c.max_steps) and not evaluated:
-            val_loss = evaluate(model, val_set, val_offsets, c, device)
+            val_loss, perplexity = evaluate(model, val_set, val_offsets, c, device)
             best_val_loss = min(best_val_loss, val_loss)
-            perplexity = math.exp(min(val_loss, 700))  # e^700 already says "diverged"
             print(f"step {step}: validation loss {val_loss:.4f} (perplexity "
                   f"{perplexity:.2f}), best {best_val_loss:.4f}; checkpoint {ckpt_path}")
             checkpoint.log_metrics(metrics, step, c.total_batch_size, val_loss=val_loss,
@@ -601,8 +601,7 @@ def evaluate_files(c):
     with tempfile.TemporaryDirectory() as tmp:
         tokens = tokenize_files(c.files, tokenizer, tmp, c.block_size, model.config.vocab_size)
         offsets = torch.arange(0, tokens.size - c.block_size, c.block_size)  # side by side
-        loss = evaluate(model.to(device), tokens, offsets, c, device)
-    perplexity = math.exp(min(loss, 700))  # e^700 already says "diverged"
+        loss, perplexity = evaluate(model.to(device), tokens, offsets, c, device)
     print(f"loss {loss:.4f} nats/token, perplexity {perplexity:.2f}, {len(offsets)} windows")
 
 

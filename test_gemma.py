@@ -330,10 +330,10 @@ def test_validation_loss_is_computed_in_float32_whatever_the_training_dtype(tmp_
     tokens = TokenFile(str(tmp_path / "validation.bin"), "uint16", 400)
     model, offsets, cpu = tiny_model(), torch.tensor([0, 50, 100, 150]), torch.device("cpu")
     c = TrainConfig(block_size=32, batch_size=2)
-    loss = gemma.evaluate(model, tokens, offsets, c, cpu)
+    loss = gemma.evaluate(model, tokens, offsets, c, cpu)[0]
     x, y = gemma.get_batch(tokens, offsets, 32, cpu)
     with torch.no_grad():
         assert abs(loss - model(x, y)[1].item()) < 1e-6  # the mean over the windows, in float32
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as a bfloat16 run trains
             assert abs(model(x, y)[1].item() - loss) > 1e-5  # the negative control: another loss
-            assert gemma.evaluate(model, tokens, offsets, c, cpu) == loss
+            assert gemma.evaluate(model, tokens, offsets, c, cpu)[0] == loss
