@@ -8,6 +8,7 @@
 #   bash experiments.sh baseline    # this gemma.py against the one before the speedups/checkpoint split
 #   bash experiments.sh gpu         # the acceptance run on a GPU machine: about ten minutes on one H100
 #   bash experiments.sh search      # the small preset's recipe at a fixed wall-clock (MINUTES=5 a run: the cheap pass)
+#   MINUTES=10 bash experiments.sh search  # the third pass: the rates and floor of --preset small, 10 minutes each
 # Outputs go under runs/ (ignored by git). Each step prints what the README quotes.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -185,6 +186,13 @@ recipes |= {
     "Muon, bfloat16, GQA 4/2": muon + "--num_key_value_heads 2".split(),
     "Muon, bfloat16, head 64 (2 heads)": muon + "--head_dim 64 --num_attention_heads 2".split(),
 }
+if minutes == 10:  # the third pass, 10 minutes a recipe: the rates and the floor of --preset small as it is
+    recipes = {
+        "preset small (the control)": muon,
+        "AdamW 0.128": muon + "--lr 0.128".split(),
+        "Muon 0.08": muon + "--muon_lr 0.08".split(),
+        "floor 0.0": muon + "--min_lr_ratio 0.0".split(),
+    }
 results = json.load(open(out)) if os.path.exists(out) else {}
 for name, flags in recipes.items():
     if name in results:
