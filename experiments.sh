@@ -192,6 +192,7 @@ if minutes == 10:  # the third pass, 10 minutes a recipe: the rates and the floo
         "AdamW 0.128": muon + "--lr 0.128".split(),
         "Muon 0.08": muon + "--muon_lr 0.08".split(),
         "floor 0.0": muon + "--min_lr_ratio 0.0".split(),
+        "AdamW 0.064": muon + "--lr 0.064".split(),  # after AdamW 0.128 won
     }
 results = json.load(open(out)) if os.path.exists(out) else {}
 for name, flags in recipes.items():
