@@ -72,8 +72,8 @@ PRESETS = {
     "small": (GemmaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6,
                           head_dim=32, sliding_window=128),  # 25-30 min on 2 bfloat16 CPU cores
               dict(block_size=256, batch_size=16, total_batch_size=4096, eval_windows=64,
-                   optimizer="muon", muon_lr=0.04, lr=0.256, warmup_steps=25, max_steps=1000,
-                   eval_interval=125)),
+                   optimizer="muon", muon_lr=0.04, lr=0.128, min_lr_ratio=0.0, warmup_steps=25,
+                   max_steps=1000, eval_interval=125)),
 }
 
 # ----- The model's parts, from small to large -----------------------------------------------------
