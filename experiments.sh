@@ -22,7 +22,7 @@ data)
 sweep)
     # 100 steps of 8 x 256 tokens (204,800 tokens) each; the same seed, batches and validation windows for all.
     common="--preset small --data_dir $DATA --max_steps 100 --batch_size 8 --total_batch_size 2048
-            --warmup_steps 10 --eval_interval 25 --log_interval 25"
+            --warmup_steps 10 --min_lr_ratio 0.1 --dtype float32 --eval_interval 25 --log_interval 25"
     best() {  # the learning rate of the runs/sweep/$1* run that finished with the lowest validation loss
         python -c 'import glob, json, sys
 def final(d):
@@ -80,7 +80,8 @@ small)
     # 25-30 minutes each on 2 quiet cores (bfloat16): every evaluation, the tokens, the wall-clock and the settings go to
     # assets/small_30min.json, from which the README's table is made; then the curves and three stories.
     # FLAGS=... NAME=... adds flags and names the JSON assets/small_30min_NAME.json: the README's float32 runs are
-    # FLAGS="--dtype float32 --max_steps 640 --eval_interval 80" NAME=float32 (the first search's recipe)
+    # FLAGS="--dtype float32 --lr 0.256 --min_lr_ratio 0.1 --max_steps 640 --eval_interval 80" NAME=float32 (the first
+    # search's recipe); FLAGS="--lr 0.256 --min_lr_ratio 0.1" NAME=lr0.256, the second's
     python prepare.py --train_files $SHARED/train.jsonl $SHARED/train-extra.jsonl \
                       --validation_files $SHARED/validation.jsonl --data_dir data-all
     export SUFFIX=${NAME:+_$NAME}  # runs/small$SUFFIX-seedS, assets/small_30min$SUFFIX*
@@ -124,7 +125,8 @@ small-before)
     # The small preset as it was before the search (AdamW, 6 layers of width 128, train.jsonl only): the README's
     # older figures, kept for comparison (21 minutes on 2 quiet cores)
     /usr/bin/time -f "wall clock: %e s" python gemma.py train --preset small --optimizer adamw --lr 0.128 \
-        --warmup_steps 25 --max_steps 500 --eval_interval 50 --data_dir $DATA --out_dir runs/small
+        --warmup_steps 25 --min_lr_ratio 0.1 --dtype float32 --max_steps 500 --eval_interval 50 --data_dir $DATA \
+        --out_dir runs/small
     python plot.py runs/small -o assets/small_loss.png
     python gemma.py sample --out_dir runs/small --num_samples 3 --seed 1 --temperature 0.8 --top_k 200 \
         --max_new_tokens 120 "Once upon a time"
@@ -158,8 +160,10 @@ search)
     MINUTES=${MINUTES:-5} python - <<'PY'
 import json, os, shutil, statistics, subprocess, sys, time
 minutes, out = float(os.environ["MINUTES"]), f"assets/small_search_{os.environ['MINUTES']}min.json"
-# the small preset as it was before the search (6 layers, width 128, AdamW lr 0.128, 16 x 256 tokens)
-small = "--preset small --data_dir data-all --eval_windows 64 --log_interval 10 --optimizer adamw --lr 0.128".split()
+# the small preset as it was before the search (6 layers, width 128, AdamW lr 0.128, 16 x 256 tokens, decay to 10%,
+# float32: what --dtype auto meant on a CPU then)
+small = ("--preset small --data_dir data-all --eval_windows 64 --log_interval 10 --optimizer adamw --lr 0.128 "
+         "--min_lr_ratio 0.1 --dtype float32").split()
 recipes = {  # name: flags on top of it
     "preset (AdamW 0.128)": [],
     "Muon 0.02 + AdamW 0.512": "--optimizer muon --muon_lr 0.02 --lr 0.512".split(),
