@@ -202,7 +202,7 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
 
 def check_resumable(state, model_config, train_config, out_dir):
     """Refuse, in one line, a resume that cannot give back the saved run: another architecture
-    (the fields named), or another optimizer (its state would not fit)."""
+    (the fields named), another optimizer or another frozen embedding (the state would not fit)."""
     saved = state["model_config"]
     changed = [k for k, v in model_config.items()
                if k not in ARCHITECTURE_FREE and saved.get(k) != v]
@@ -210,10 +210,12 @@ def check_resumable(state, model_config, train_config, out_dir):
         raise UserError(f"the checkpoint in {out_dir} has another architecture "
                         f"({', '.join(changed)} differ): resume with its settings, "
                         "or train into a new --out_dir")
-    was = state.get("train_config", {}).get("optimizer", train_config["optimizer"])
-    if was != train_config["optimizer"]:
-        raise UserError(f"the checkpoint in {out_dir} was trained with --optimizer {was}: resume "
-                        f"with it, or train into a new --out_dir")
+    for flag in ("optimizer", "freeze_embedding"):  # the optimizers' state would not fit
+        was = state.get("train_config", {}).get(flag, train_config[flag])
+        if was != train_config[flag]:
+            given = f"--{'' if was else 'no-'}{flag}" if was in (True, False) else f"--{flag} {was}"
+            raise UserError(f"the checkpoint in {out_dir} was trained with {given}: resume with "
+                            "it, or train into a new --out_dir")
 
 
 def restore(state, model, optimizers, scaler, data_rng, device):

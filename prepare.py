@@ -324,6 +324,7 @@ class TokenFile(NamedTuple):
     path: str
     dtype: str
     size: int  # tokens
+    meta: dict  # meta.json's record: the tokenizer, its framing ids, the counts
 
 
 def read_meta(data_dir):
@@ -358,7 +359,103 @@ def load_tokens(data_dir, split, block_size, vocab_size):
         raise UserError(f"{path} was made with {meta['tokenizer']} ({meta['vocab_size']:,} words), "
                            f"beyond the model's vocabulary of {vocab_size:,}: pass --vocab_size "
                            f"{meta['vocab_size']}, or prepare it with the model's tokenizer")
-    return TokenFile(path, dtype.name, len(data))
+    return TokenFile(path, dtype.name, len(data), meta)
+
+
+def token_bytes(tokenizer):
+    """How many bytes of UTF-8 text each token id stands for: 0 for the framing and other special
+    tokens. The denominator of bits per byte, a loss that compares across tokenizers."""
+    return np.array([len(tokenizer.decode_single_token_bytes(i)) if i != tokenizer.eot_token else 0
+                     for i in range(tokenizer.n_vocab)], dtype=np.int64)
+
+
+# ----- Windows: what the model reads at once, cut so that each begins as the model expects. -------
+
+def document_start(meta):
+    """The ids every document begins with (meta: describe()'s or meta.json's): the tokenizer's
+    prefix (Gemma's <bos>); GPT-2's stories are separated, not framed, so the end-of-text that
+    comes before each one."""
+    return meta["prefix"] or [meta["eot_token"]]
+
+
+def story_windows(documents, start, block_size):
+    """Each document (start, story, end-of-text: a list of ids) cut into windows of at most
+    block_size inputs that all begin as a document does: the first at the document's own start,
+    each next one with `start` put in front of the token where the last stopped, targeting only
+    tokens not yet predicted. Every token after the start is predicted once.
+    -> [(inputs, targets)], lists of ids; a target -100 is none (the start predicts nothing)."""
+    if block_size <= len(start):
+        raise UserError(f"--block_size {block_size} leaves no room after a document's start "
+                        f"({len(start)} tokens): raise it")
+    windows, n = [], block_size - len(start)  # n: tokens a later window continues with
+    for doc in documents:
+        targets = doc[1:block_size + 1]
+        windows.append((doc[:len(targets)], targets))
+        for p in range(block_size + 1, len(doc), n):  # p: the first token not yet predicted
+            targets = doc[p:p + n]
+            windows.append((start + doc[p - 1:p - 1 + len(targets)], [-100] * len(start) + targets))
+    return windows
+
+
+def file_documents(tokens):
+    """The documents of a token file framed with a prefix (prefix, story, end-of-text each), as
+    lists of ids: cut after every end-of-text."""
+    meta, data = tokens.meta, np.fromfile(tokens.path, tokens.dtype).astype(np.int64)
+    ends = np.flatnonzero(data == meta["eot_token"]) + 1
+    return [d.tolist() for d in np.split(data, ends) if len(d)]
+
+
+def story_starts(tokens, block_size):
+    """Where the stories of a token file begin (after each end-of-text, and at 0) that have a whole
+    window of block_size + 1 tokens ahead of them: the offsets of windows that begin as a
+    document does."""
+    data = np.memmap(tokens.path, dtype=tokens.dtype, mode="r")
+    starts = np.concatenate([[0], np.flatnonzero(data == tokens.meta["eot_token"]) + 1])
+    return starts[starts <= tokens.size - block_size - 1]
+
+
+def story_documents(paths, tokenizer):
+    """The stories of the files at paths (prepare.py's formats), each as a list of ids framed as a
+    document: the tokenizer's start (Gemma's <bos>; GPT-2's end-of-text), the story, end-of-text."""
+    check_files(paths)
+    stories = [s for s in read_stories(paths) if s.strip()]
+    if not stories:
+        raise UserError(f"no stories in {' '.join(paths)}: check that it holds non-empty text")
+    if isinstance(tokenizer, HFTokenizer):
+        return [ids for batch in batches(stories, BATCH_SIZE) for ids in tokenizer.encode_documents(batch)]
+    eot = tokenizer.eot_token
+    return [[eot, *ids, eot] for ids in tokenizer.encode_ordinary_batch(stories)]
+
+
+def validation_windows(tokens, block_size, count):
+    """The fixed validation windows, the same in every run, so that runs compare. GPT-2 data:
+    `count` windows of block_size evenly spread over the file, as they always were. Data framed
+    with a prefix (Gemma's <bos>): the stories' windows (story_windows), `count` of them evenly
+    spread, so that the model is scored from the start it always sees. -> [(inputs, targets)]"""
+    if not tokens.meta["prefix"]:
+        data = np.memmap(tokens.path, dtype=tokens.dtype, mode="r")
+        offsets = np.unique(np.linspace(0, tokens.size - block_size - 1, count).astype(np.int64))
+        return [(data[o:o + block_size].tolist(), data[o + 1:o + block_size + 1].tolist())
+                for o in offsets]
+    windows = story_windows(file_documents(tokens), tokens.meta["prefix"], block_size)
+    return [windows[i] for i in np.unique(np.linspace(0, len(windows) - 1, count).astype(np.int64))]
+
+
+def batches_of(windows, batch_size, pad):
+    """Windows as batches of (inputs, targets) tensors, (rows, longest window) each: in order of
+    length, so that little is padded; inputs padded with `pad`, targets with -100 (none).
+    Attention is causal, so padding after a window never changes what comes before it."""
+    import torch  # imported here: prepare.py's own commands never need it
+    windows, batches = sorted(windows, key=lambda w: len(w[0])), []
+    for i in range(0, len(windows), batch_size):
+        rows = windows[i:i + batch_size]
+        T = max(len(x) for x, _ in rows)
+        x = torch.full((len(rows), T), pad, dtype=torch.long)
+        y = torch.full((len(rows), T), -100, dtype=torch.long)
+        for r, (inputs, targets) in enumerate(rows):
+            x[r, :len(inputs)], y[r, :len(targets)] = torch.tensor(inputs), torch.tensor(targets)
+        batches.append((x, y))
+    return batches
 
 
 def keep_tokenizer(data_dir, out_dir, init_from, resume, write):

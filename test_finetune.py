@@ -119,14 +119,14 @@ def metrics(out):
 
 
 def transformers_loss(model, tokens, block_size, windows):
-    """The mean loss transformers gives on train()'s fixed validation windows."""
-    data = np.fromfile(tokens.path, tokens.dtype).astype(np.int64)
-    losses = []
-    for o in torch.linspace(0, len(data) - block_size - 1, windows).long().unique().tolist():
-        window = torch.from_numpy(data[o:o + block_size + 1])
-        logits = model(window[None, :-1]).logits[0]
-        losses.append(F.cross_entropy(logits.float(), window[1:]).item())
-    return sum(losses) / len(losses)
+    """The loss transformers gives on train()'s fixed validation windows (each a story's, from its
+    <bos>): the summed nats over the count of targets."""
+    nats = count = 0
+    for inputs, targets in prepare.validation_windows(tokens, block_size, windows):
+        logits = model(torch.tensor([inputs])).logits[0]
+        nats += F.cross_entropy(logits.float(), torch.tensor(targets), reduction="sum").item()
+        count += sum(t != -100 for t in targets)
+    return nats / count
 
 
 @pytest.mark.slow
@@ -169,7 +169,7 @@ def test_fine_tune_resume_sample_export_and_transformers_generates_the_same_stor
 
 
 @pytest.mark.slow
-def test_eval_reports_the_loss_transformers_gives_on_the_windows_that_tile_the_stories(
+def test_eval_of_stories_longer_than_a_window_goes_on_in_windows_that_begin_with_bos(
         tmp_path, gemma_dir):
     from transformers import AutoModelForCausalLM
     files = [write_jsonl(tmp_path / "a.jsonl", VALIDATION[:6]), write_jsonl(tmp_path / "b.jsonl",
@@ -177,14 +177,23 @@ def test_eval_reports_the_loss_transformers_gives_on_the_windows_that_tile_the_s
     result = cli("gemma.py", "eval", "--init_from", gemma_dir, "--files", *files, "--block_size",
                  "32").stdout
     tokenizer = prepare.HFTokenizer(str(gemma_dir))
-    data = torch.tensor([i for ids in tokenizer.encode_documents(VALIDATION) for i in ids])
     theirs = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
-    windows = [data[o:o + 33] for o in range(0, len(data) - 32, 32)]  # side by side
+    nats, count, windows = 0.0, 0, 0
     with torch.no_grad():
-        losses = [F.cross_entropy(theirs(w[None, :-1]).logits[0], w[1:]).item() for w in windows]
+        for doc in tokenizer.encode_documents(VALIDATION):  # <bos> story <eos>, 40-odd tokens
+            assert len(doc) > 33
+            # the first window from the story's <bos>; each next one: <bos>, then the last token
+            # predicted (its context), then the next 30 tokens, each predicted once
+            pieces = [(doc[:33], 1)] + [([BOS] + doc[p - 1:p + 31], 2) for p in range(33, len(doc), 31)]
+            for window, context in pieces:
+                logits = theirs(torch.tensor([window[:-1]])).logits[0]
+                targets = torch.tensor(window[1:])[context - 1:]
+                nats += F.cross_entropy(logits[context - 1:], targets, reduction="sum").item()
+                count, windows = count + len(targets), windows + 1
+    assert count == sum(len(d) - 1 for d in tokenizer.encode_documents(VALIDATION))
     reported = float(re.search(r"loss (\S+) nats/token", result).group(1))
-    assert abs(reported - sum(losses) / len(losses)) < 2e-4
-    assert result.endswith(f", {len(windows)} windows\n")
+    assert abs(reported - nats / count) < 2e-4
+    assert result.endswith(f", {len(VALIDATION)} stories in {windows} windows\n")
 
 
 @pytest.mark.slow
@@ -221,3 +230,78 @@ def test_the_prompt_pass_computes_logits_for_its_last_position_only():
         model.forward = spy
         list(model.stream(idx, 3, temperature=0))  # the prompt, then two one-token steps
     assert shapes == [(2, 1, 101)] * 3  # never (2, 9, 101)
+
+
+# ----- Windows that begin as the model expects, and bits per byte ---------------------------------
+
+
+@pytest.mark.parametrize("block_size", [2, 5, 8, 40])
+def test_story_windows_begin_as_a_document_does_and_predict_every_token_once(block_size):
+    start, eot = [BOS], EOS
+    documents = [[BOS, *range(10, 10 + n), eot] for n in (0, 1, 3, 7, 20)]
+    windows = prepare.story_windows(documents, start, block_size)
+    for inputs, targets in windows:
+        assert len(inputs) == len(targets) <= block_size and inputs[0] == BOS
+        for x, y, nxt in zip(inputs, targets, inputs[1:] + [None]):
+            assert y == -100 or nxt is None or y == nxt  # a target is the next input
+    # every token after each document's start is a target exactly once, in order
+    assert [t for _, ts in windows for t in ts if t != -100] == [t for d in documents for t in d[1:]]
+
+
+def test_validation_windows_of_gpt2_data_are_the_evenly_spread_windows_of_the_file(data_dir):
+    tokens = prepare.load_tokens(data_dir, "validation", 32, 50257)
+    data = np.fromfile(tokens.path, np.uint16).tolist()
+    offsets = torch.linspace(0, tokens.size - 33, 5).long().unique().tolist()  # as they always were
+    assert prepare.validation_windows(tokens, 32, 5) == [(data[o:o + 32], data[o + 1:o + 33])
+                                                         for o in offsets]
+
+
+def test_validation_and_training_windows_of_gemma_data_begin_with_bos(gemma_data):
+    tokens = prepare.load_tokens(gemma_data, "validation", 16, 103)
+    windows = prepare.validation_windows(tokens, 16, 1000)
+    assert all(x[0] == BOS for x, _ in windows) and len(windows) > len(VALIDATION)  # all of them
+    starts = prepare.story_starts(tokens, 16)
+    data = np.fromfile(tokens.path, np.uint16)
+    assert len(starts) > 1 and set(data[starts]) == {BOS}
+    x, y = get_batch(tokens, torch.tensor([3, 40]), 16, torch.device("cpu"), start=[BOS])
+    assert x[:, 0].tolist() == [BOS, BOS] and x[0, 1:].tolist() == data[3:18].tolist()
+    assert y[:, 0].tolist() == [-100, -100] and y[0, 1:].tolist() == data[4:19].tolist()
+
+
+def test_eval_scores_each_story_whole_in_nats_and_bits_per_byte(tmp_path, gemma_dir):
+    import math
+    from gemma import Gemma
+    file = write_jsonl(tmp_path / "v.jsonl", VALIDATION[:3] + ["Lily é"])  # é: byte fallback
+    result = cli("gemma.py", "eval", "--init_from", gemma_dir, "--files", file).stdout
+    model, tokenizer = Gemma.from_pretrained(str(gemma_dir)), prepare.HFTokenizer(str(gemma_dir))
+    nats = tokens = 0
+    with torch.no_grad():
+        for ids in tokenizer.encode_documents(VALIDATION[:3] + ["Lily é"]):
+            logits = model(torch.tensor([ids[:-1]]))[0][0]
+            nats += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+            tokens += len(ids) - 1
+    text_bytes = sum(len(s.encode()) for s in VALIDATION[:3] + ["Lily é"])
+    loss, bpb = map(float, re.search(r"loss (\S+) nats/token, (\S+) bits/byte", result).groups())
+    assert abs(loss - nats / tokens) < 1e-4 and abs(bpb - nats / math.log(2) / text_bytes) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_frozen_embedding_stays_as_it_was_while_the_blocks_learn(tmp_path, gemma_dir, gemma_data):
+    from safetensors.torch import load_file
+    out = tmp_path / "out"
+    flags = ["--init_from", gemma_dir, "--data_dir", gemma_data, "--out_dir", out, "--lr", "3e-3",
+             "--block_size", "32", "--batch_size", "2", "--total_batch_size", "64",
+             "--warmup_steps", "1", "--eval_interval", "3", "--eval_windows", "4"]
+    cli("gemma.py", "train", *flags, "--freeze_embedding", "--max_steps", "3")
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    original = {k.removeprefix("model."): v.float()
+                for k, v in load_file(gemma_dir / "model.safetensors").items()}
+    assert torch.equal(state["model"]["embed_tokens.weight"], original["embed_tokens.weight"])
+    assert not torch.equal(state["model"]["layers.0.mlp.up_proj.weight"],
+                           original["layers.0.mlp.up_proj.weight"])
+    sizes = [len(g["params"]) for g in state["optimizers"][0]["param_groups"]]
+    assert sum(sizes) == len(original) - 1  # every parameter but the embedding
+    result = cli("gemma.py", "train", "--resume", "--out_dir", out, "--no-freeze_embedding",
+                 "--max_steps", "6", check=False)
+    assert result.returncode == 1 and "trained with --freeze_embedding" in result.stderr
+    assert result.stderr.count("\n") == 1
