@@ -1,5 +1,6 @@
 """
-plot.py: draw the train and validation loss curves that `python gemma.py train` logs to OUT_DIR/metrics.jsonl.
+plot.py: draw the train and validation loss curves that `python gemma.py train` logs to OUT_DIR/metrics.jsonl,
+in bits per byte of text (a unit that compares across tokenizers), or in nats per token for runs logged without it.
 
     python plot.py out                                  # -> out/loss.png
     python plot.py out-adamw out-muon -o compare.png    # several runs on one figure, labelled by folder
@@ -26,18 +27,24 @@ def plot(out_dirs, output):
     except ImportError:
         raise SystemExit("plot.py: error: matplotlib is not installed: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, out_dir in enumerate(out_dirs):
-        rows, colour, name = read_metrics(out_dir), f"C{i}", os.path.basename(os.path.normpath(out_dir))
-        train = [(r["tokens"] / 1e6, r["train_loss"]) for r in rows if "train_loss" in r]
-        val = [(r["tokens"] / 1e6, r["val_loss"]) for r in rows if "val_loss" in r]
+    runs = [(out_dir, read_metrics(out_dir)) for out_dir in out_dirs]
+    # bits per byte compare across tokenizers; runs logged before it was measured have nats only
+    bits = all(any("val_bpb" in r for r in rows) for _, rows in runs)
+    train_key, val_key = ("train_bpb", "val_bpb") if bits else ("train_loss", "val_loss")
+    for i, (out_dir, rows) in enumerate(runs):
+        colour, name = f"C{i}", os.path.basename(os.path.normpath(out_dir))
+        train = [(r["tokens"] / 1e6, r[train_key]) for r in rows if train_key in r]
+        val = [(r["tokens"] / 1e6, r[val_key]) for r in rows if val_key in r]
         if train:
             ax.plot(*zip(*train), color=colour, alpha=0.35, linewidth=1, label=f"{name} train")
         if val:
             ax.plot(*zip(*val), color=colour, marker="o", markersize=3, label=f"{name} validation")
-            last = val[-1][1]
-            print(f"{out_dir}: final validation loss {last:.4f} nats/token, perplexity {math.exp(last):.2f}")
+            last = [r for r in rows if "val_loss" in r][-1]
+            in_bits = f", {last['val_bpb']:.4f} bits/byte" if "val_bpb" in last else ""
+            print(f"{out_dir}: final validation loss {last['val_loss']:.4f} nats/token{in_bits}, "
+                  f"perplexity {math.exp(min(last['val_loss'], 700)):.2f}")
     ax.set_xlabel("tokens seen (millions)")
-    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_ylabel("bits per byte of text" if bits else "cross-entropy (nats per token)")
     ax.set_title("Gemma 3 on TinyStories")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -316,11 +316,13 @@ def test_training_logs_metrics_that_plot_draws_as_a_png(data_dir, tmp_path):
     cli("gemma.py", "train", *FAST, "--max_steps", "4", "--eval_interval", "2",
         "--data_dir", data_dir, "--out_dir", out)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert {"step", "tokens", "train_loss", "lr", "tokens_per_s"} <= set(rows[1])
-    assert {"step", "tokens", "val_loss", "val_perplexity"} <= set(rows[0])
+    assert {"step", "tokens", "train_loss", "train_bpb", "lr", "tokens_per_s"} <= set(rows[1])
+    assert {"step", "tokens", "val_loss", "val_bpb", "val_perplexity"} <= set(rows[0])
+    # GPT-2 spends about 4 bytes of these stories a token: bits per byte ~ nats / (4 ln 2)
+    assert 3 < rows[0]["val_loss"] / (math.log(2) * rows[0]["val_bpb"]) < 5
     result = cli("plot.py", out, "-o", tmp_path / "loss.png")
     png = (tmp_path / "loss.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "final validation loss" in result.stdout
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "bits/byte" in result.stdout
 
 
 def test_validation_loss_is_computed_in_float32_whatever_the_training_dtype(tmp_path):
