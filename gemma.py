@@ -30,9 +30,8 @@ from prepare import UserError, keep_tokenizer, load_tokenizer, load_tokens, toke
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
+
 # ----- Configuration ------------------------------------------------------------------------------
-
-
 @dataclass
 class GemmaConfig:
     vocab_size: int = 50257                 # GPT-2 BPE (Gemma's own vocabulary is 262,144)
@@ -76,9 +75,8 @@ PRESETS = {
                    max_steps=1000, eval_interval=125)),
 }
 
+
 # ----- The model's parts, from small to large -----------------------------------------------------
-
-
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), with w starting at zero (a scale of 1),
     in float32 even under autocast, where float16 overflows (transformers #36822)."""
@@ -309,8 +307,6 @@ def pick_token(logits, temperature, top_k, generator):
 
 
 # ----- Training: batches, configuration, optimizers and schedule, then the loop -------------------
-
-
 def get_batch(tokens, offsets, block_size, device):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
     through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM."""
@@ -526,8 +522,6 @@ def train(c, model_config, ckpt=None):
 
 
 # ----- Sampling, and measuring a model on text ---------------------------------------------------
-
-
 @dataclass
 class SampleConfig:
     prompt: str = "Once upon a time"  # the story's beginning
@@ -606,8 +600,6 @@ def evaluate_files(c):
 
 
 # ----- Command line: each option is a dataclass field; its comment is its --help ------------------
-
-
 @dataclass
 class ExportConfig:
     out_dir: str = "out"            # where the checkpoint is
