@@ -7,12 +7,14 @@ gemma.py: Gemma 3 270M from scratch, trained on TinyStories, in one readable fil
     python gemma.py train --resume              # continue exactly where out/ckpt.pt stopped
     python gemma.py sample "Once upon a time"   # stream a story from the latest checkpoint
     python gemma.py export --hf_dir hf          # the checkpoint as a Hugging Face model
+    python gemma.py export --gguf model.gguf    # ... or as one file for llama.cpp and Ollama
     python gemma.py eval --files my_stories.txt # the loss on your own held-out stories
     torchrun --nproc_per_node=8 gemma.py train  # several GPUs (DistributedDataParallel)
 
 Read top to bottom, in the order data flows. Each part is its plain definition; speedups.py gives
 the same numbers sooner where SPEEDUPS is read (attention and the loss); checkpoint.py keeps a
-run's state; hf.py moves weights to and from Hugging Face, the reference for every number.
+run's state; hf.py moves weights to and from Hugging Face, the reference for every number;
+to_gguf.py writes them for llama.cpp.
 """
 import argparse, codecs, math, os, sys, tempfile, time
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 import checkpoint
 import hf
 import speedups
+import to_gguf
 from checkpoint import add_flags
 from prepare import UserError, keep_tokenizer, load_tokenizer, load_tokens, tokenize_files
 
@@ -604,6 +607,8 @@ def evaluate_files(c):
 class ExportConfig:
     out_dir: str = "out"            # where the checkpoint is
     hf_dir: str = "hf"              # the Hugging Face model directory to write (see hf.py)
+    gguf: str = ""                  # write this GGUF file instead: llama.cpp, Ollama, LM Studio
+    gguf_type: str = "f16"          # the GGUF's weights: f32, f16, bf16 or q8_0 (see to_gguf.py)
 
 
 def main(argv=None):
@@ -617,8 +622,8 @@ def main(argv=None):
     sampler = commands.add_parser("sample", help="write stories", **options)
     sampler.add_argument("prompt", nargs="?", help="the story's start (default: Once upon a time)")
     add_flags(sampler, SampleConfig, skip=("prompt",))
-    add_flags(commands.add_parser("export", help="write a Hugging Face model", **options),
-              ExportConfig)
+    add_flags(commands.add_parser("export", help="write a Hugging Face model or a GGUF file",
+                                  **options), ExportConfig)
     add_flags(commands.add_parser("eval", help="a model's loss on stories", **options), EvalConfig)
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
@@ -627,9 +632,12 @@ def main(argv=None):
             train(*checkpoint.run_configs(args, GemmaConfig, TrainConfig, PRESETS))
         elif command == "sample":
             sample(replace(SampleConfig(), **args))
-        elif command == "export":  # see hf.py
+        elif command == "export":  # see hf.py and to_gguf.py
             c = replace(ExportConfig(), **args)
-            hf.export(*load_model(c.out_dir), c.hf_dir)
+            if c.gguf:
+                to_gguf.export(*load_model(c.out_dir), c.gguf, c.gguf_type)
+            else:
+                hf.export(*load_model(c.out_dir), c.hf_dir)
         elif command == "eval":
             evaluate_files(replace(EvalConfig(), **args))
     except UserError as e:
