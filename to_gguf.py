@@ -3,7 +3,7 @@ to_gguf.py: a model trained here as one GGUF file, the format of llama.cpp, Olla
 
     python gemma.py export --out_dir out --gguf model.gguf                   # float16 weights
     python gemma.py export --out_dir out --gguf model.gguf --gguf_type q8_0  # 8-bit, half the size
-    llama-cli -m model.gguf -p "Once upon a time" -n 200                     # then, in llama.cpp
+    llama-completion -m model.gguf -no-cnv -p "Once upon a time" -n 200      # then, in llama.cpp
     python -m pytest test_gguf.py   # llama.cpp itself (llama-cpp-python) against gemma.py
 
 Why not llama.cpp's own converter (convert_hf_to_gguf.py) on the Hugging Face export: it stops at
@@ -78,7 +78,7 @@ def export(model, tokenizer, path, gguf_type="f16"):
     finally:  # after a failure or an interrupt: no half-written file is left
         if os.path.exists(tmp):
             os.remove(tmp)
-    print(f"wrote {path}: run it with llama-cli -m {path} -p 'Once upon a time'")
+    print(f"wrote {path}: run it with llama-completion -m {path} -no-cnv -p 'Once upon a time'")
 
 
 def write(model, vocabulary, path, gguf_type):
