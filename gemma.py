@@ -7,12 +7,14 @@ gemma.py: Gemma 3 270M from scratch, trained on TinyStories, in one readable fil
     python gemma.py train --resume              # continue exactly where out/ckpt.pt stopped
     python gemma.py sample "Once upon a time"   # stream a story from the latest checkpoint
     python gemma.py export --hf_dir hf          # the checkpoint as a Hugging Face model
+    python gemma.py export --gguf model.gguf    # ... or as one file for llama.cpp and Ollama
     python gemma.py eval --files my_stories.txt # the loss on your own held-out stories
     torchrun --nproc_per_node=8 gemma.py train  # several GPUs (DistributedDataParallel)
 
 Read top to bottom, in the order data flows. Each part is its plain definition; speedups.py gives
 the same numbers sooner where SPEEDUPS is read (attention and the loss); checkpoint.py keeps a
-run's state; hf.py moves weights to and from Hugging Face, the reference for every number.
+run's state; hf.py moves weights to and from Hugging Face, the reference for every number;
+to_gguf.py writes them for llama.cpp.
 """
 import argparse
 import codecs
@@ -30,15 +32,15 @@ import torch.nn.functional as F
 import checkpoint
 import hf
 import speedups
+import to_gguf
 from checkpoint import add_flags
 import prepare
 from prepare import UserError, keep_tokenizer, load_tokenizer, load_tokens
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
+
 # ----- Configuration ------------------------------------------------------------------------------
-
-
 @dataclass
 class GemmaConfig:
     vocab_size: int = 50257                 # GPT-2 BPE (Gemma's own vocabulary is 262,144)
@@ -82,9 +84,8 @@ PRESETS = {
                    max_steps=1000, eval_interval=125)),
 }
 
+
 # ----- The model's parts, from small to large -----------------------------------------------------
-
-
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), with w starting at zero (a scale of 1),
     in float32 even under autocast, where float16 overflows (transformers #36822)."""
@@ -315,8 +316,6 @@ def pick_token(logits, temperature, top_k, generator):
 
 
 # ----- Training: batches, configuration, optimizers and schedule, then the loop -------------------
-
-
 def get_batch(tokens, offsets, block_size, device, start=()):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
     through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM.
@@ -565,8 +564,6 @@ def train(c, model_config, ckpt=None):
 
 
 # ----- Sampling, and measuring a model on text ---------------------------------------------------
-
-
 @dataclass
 class SampleConfig:
     prompt: str = "Once upon a time"  # the story's beginning
@@ -650,12 +647,12 @@ def evaluate_files(c):
 
 
 # ----- Command line: each option is a dataclass field; its comment is its --help ------------------
-
-
 @dataclass
 class ExportConfig:
     out_dir: str = "out"            # where the checkpoint is
     hf_dir: str = "hf"              # the Hugging Face model directory to write (see hf.py)
+    gguf: str = ""                  # write this GGUF file instead: llama.cpp, Ollama, LM Studio
+    gguf_type: str = "f16"          # the GGUF's weights: f32, f16, bf16 or q8_0 (see to_gguf.py)
 
 
 def main(argv=None):
@@ -669,8 +666,8 @@ def main(argv=None):
     sampler = commands.add_parser("sample", help="write stories", **options)
     sampler.add_argument("prompt", nargs="?", help="the story's start (default: Once upon a time)")
     add_flags(sampler, SampleConfig, skip=("prompt",))
-    add_flags(commands.add_parser("export", help="write a Hugging Face model", **options),
-              ExportConfig)
+    add_flags(commands.add_parser("export", help="write a Hugging Face model or a GGUF file",
+                                  **options), ExportConfig)
     add_flags(commands.add_parser("eval", help="a model's loss on stories", **options), EvalConfig)
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
@@ -679,9 +676,12 @@ def main(argv=None):
             train(*checkpoint.run_configs(args, GemmaConfig, TrainConfig, PRESETS))
         elif command == "sample":
             sample(replace(SampleConfig(), **args))
-        elif command == "export":  # see hf.py
+        elif command == "export":  # see hf.py and to_gguf.py
             c = replace(ExportConfig(), **args)
-            hf.export(*load_model(c.out_dir), c.hf_dir)
+            if c.gguf:
+                to_gguf.export(*load_model(c.out_dir), c.gguf, c.gguf_type)
+            else:
+                hf.export(*load_model(c.out_dir), c.hf_dir)
         elif command == "eval":
             evaluate_files(replace(EvalConfig(), **args))
     except UserError as e:
