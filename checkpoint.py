@@ -12,16 +12,18 @@ the checkpoint of a resumed run and the flags.
 
 A checkpoint is written to a temporary file, flushed to disk and renamed over the old one, so a
 crash, a kill or a full disk at any moment leaves the old checkpoint or the new one, whole. It holds
-only tensors and plain values: torch.load(..., weights_only=True) reads it. This module never
-imports gemma.py.
+only tensors and plain values: torch.load(..., weights_only=True) reads it. One folder, one run: a
+training holds out_dir/.lock (rank 0, from before it reads the checkpoint until it exits), which the
+system lets go of if it is killed, and a second training there is refused in one line while the
+first runs. This module never imports gemma.py.
 """
-import argparse, errno, inspect, json, os, re, signal, sys
+import argparse, inspect, json, os, re, signal, sys
 from dataclasses import fields, replace
 
 import torch
 
 import hf  # a Hugging Face checkpoint's settings, for --init_from
-from prepare import UserError  # every module's one error class
+from prepare import FolderLock, UserError, signals_held, survive_file_size_limits, why_unwritten
 
 # fields of the model's configuration that a resumed run may change: they hold no weights
 ARCHITECTURE_FREE = {"max_position_embeddings"}
@@ -30,8 +32,7 @@ ARCHITECTURE_FREE = {"max_position_embeddings"}
 def save(path, state):
     """Write `state` to `path` atomically: a temporary file, flushed to disk, then renamed."""
     tmp = path + ".tmp"
-    if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: fail the write, not the process
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    survive_file_size_limits()  # over a file-size limit: fail the write, not the process
     file = None
     try:
         with open(tmp, "wb") as f:
@@ -44,9 +45,7 @@ def save(path, state):
         if os.path.exists(tmp):
             os.remove(tmp)
         e = file.error if file and file.error else e  # the write's own error, with its errno
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        what = "the disk is full" if full else f"{type(e).__name__}: {e}".splitlines()[0]
-        fix = "free some space" if full else "make it writable"
+        what, fix = why_unwritten(e)
         raise UserError(f"could not write {path} ({what}); the previous checkpoint there is "
                         f"intact: {fix}, then continue with --resume") from None
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
@@ -57,8 +56,8 @@ def save(path, state):
 
 class WriteErrors:
     """A file for torch.save that keeps the OSError of a failed write, which torch.save itself
-    reports only as a RuntimeError about positions: ENOSPC (no space left), EFBIG (over a size
-    limit) and EDQUOT (over a quota) all mean that the disk is full for this run."""
+    reports only as a RuntimeError about positions, so that a full disk can be told (see
+    prepare.why_unwritten)."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -175,8 +174,12 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
     model_flags = {f.name: args.pop(f.name) for f in fields(GemmaConfig) if f.name in args}
     if args.get("preset", "270m") not in presets:
         raise UserError(f"--preset must be one of {', '.join(presets)}, not {args['preset']}")
-    out_dir = args.get("out_dir", "out")  # a new run never overwrites an old one's checkpoint
-    ckpt = load(out_dir) if args.get("resume") else must_be_new(out_dir)
+    for flag in ("out_dir", "data_dir"):  # "" would be the current folder, by accident
+        if not args.get(flag, "default").strip():
+            raise UserError(f"--{flag} is empty: name a folder")
+    out_dir = args.get("out_dir", "out")
+    lock_run(out_dir)  # one folder, one run: before its checkpoint is read
+    ckpt = load(out_dir) if args.get("resume") else must_be_new(out_dir)  # never overwritten
     if ckpt is not None:
         model_config = GemmaConfig(**ckpt["model_config"])
         c = TrainConfig(**ckpt["train_config"])
@@ -187,8 +190,14 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
         c = replace(TrainConfig(), **defaults)
     c = replace(c, **args)
     c.check()
+    if ckpt is not None:
+        nothing_to_do(ckpt["step"], ckpt.get("evaluated"), c)
     if c.init_from and ckpt is None:  # the checkpoint's model, whose weights have their shapes
-        model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))
+        try:
+            model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))
+        except ValueError as e:  # a shape that cannot make a model, such as an odd head_dim
+            raise UserError(f"--init_from {c.init_from}: its config.json makes no model "
+                            f"({str(e).replace('--', '')})") from None
         if model_flags:
             raise UserError(f"--init_from gives the model: drop --{' --'.join(model_flags)}")
     try:  # a model that cannot be made: GemmaConfig says why
@@ -198,6 +207,18 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
         return c, replace(model_config, max_position_embeddings=context), ckpt
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def nothing_to_do(step, evaluated, c):
+    """A resume with no step left says where the run stands instead of nothing: done (its last step
+    evaluated and saved: exit 0), or --max_steps below the saved step (a mistake: refused)."""
+    if step > c.max_steps:
+        raise UserError(f"the run in {c.out_dir} is at step {step}, beyond --max_steps "
+                        f"{c.max_steps}: nothing to do; pass --max_steps above {step} to train on")
+    if step == c.max_steps and evaluated:
+        print(f"the run in {c.out_dir} is done: step {step} of --max_steps {c.max_steps}, "
+              "evaluated and saved; nothing to do (pass a higher --max_steps to train on)")
+        sys.exit(0)
 
 
 def check_resumable(state, model_config, train_config, out_dir):
@@ -247,6 +268,49 @@ def read_metrics(path):
                 except ValueError:
                     continue
     return rows
+
+
+RUN_LOCKS = {}  # out_dir: the FolderLock this process holds there, until it exits
+
+
+def lock_run(out_dir):
+    """One folder, one run: hold out_dir/.lock (see prepare.FolderLock) from before anything there
+    is read or written until the process exits; a second training there is refused in one line
+    while the first runs. Under torchrun rank 0 alone writes, so it alone holds it. A folder that
+    does not exist yet is locked once start_run has made it."""
+    if os.environ.get("RANK", "0") != "0" or out_dir in RUN_LOCKS or not os.path.isdir(out_dir):
+        return
+    try:
+        RUN_LOCKS[out_dir] = FolderLock(out_dir, f"another training (process {{pid}}) is running in"
+                                                 f" {out_dir}: wait for it to finish, or train into "
+                                                 "another --out_dir")
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir} ({e.strerror or e}): choose another "
+                        "--out_dir") from None
+
+
+def start_run(c, tokenizer, step, evaluated, master):
+    """The run's folder before training writes there (rank 0: master): made, locked (lock_run:
+    a folder made since run_configs looked is looked at again, locked), with the data's tokenizer
+    for a new run (None: GPT-2's, nothing to keep) and metrics.jsonl (start_metrics). Ctrl-C
+    waits for it. -> the paths of the checkpoint and of metrics.jsonl."""
+    ckpt_path, metrics = (os.path.join(c.out_dir, name) for name in ("ckpt.pt", "metrics.jsonl"))
+    if not master:
+        return ckpt_path, metrics
+    with signals_held():
+        try:
+            os.makedirs(c.out_dir, exist_ok=True)
+            if c.out_dir not in RUN_LOCKS:
+                lock_run(c.out_dir)
+                if not c.resume:  # another run may have made it and saved there meanwhile
+                    must_be_new(c.out_dir)
+            if tokenizer is not None and not c.resume:
+                tokenizer.save(os.path.join(c.out_dir, "tokenizer"))
+        except OSError as e:
+            raise UserError(f"cannot write to {c.out_dir} ({e.strerror or e}): choose another "
+                            "--out_dir") from None
+        start_metrics(metrics, step, evaluated)
+    return ckpt_path, metrics
 
 
 def must_be_new(out_dir):

@@ -17,6 +17,9 @@ run's state; hf.py moves weights to and from Hugging Face, the reference for eve
 import argparse, codecs, math, os, sys, tempfile, time
 from dataclasses import asdict, dataclass, replace
 
+from prepare import UserError, exit_on_interrupt, load_data, load_tokenizer, tokenize_files
+if __name__ == "__main__":  # first: torch takes seconds to load, and Ctrl-C then is one line too
+    exit_on_interrupt("gemma.py")
 import numpy as np
 import torch
 import torch.nn as nn
@@ -26,7 +29,6 @@ import checkpoint
 import hf
 import speedups
 from checkpoint import add_flags
-from prepare import UserError, keep_tokenizer, load_tokenizer, load_tokens, tokenize_files
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
@@ -301,7 +303,7 @@ def pick_token(logits, temperature, top_k, generator):
     sample from the softmax of logits / temperature, over the top_k likeliest if given."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature  # <= 0: no overflow
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -314,7 +316,7 @@ def pick_token(logits, temperature, top_k, generator):
 def get_batch(tokens, offsets, block_size, device):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
     through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM."""
-    data = np.memmap(tokens.path, dtype=tokens.dtype, mode="r")  # reopened: a kept one leaks
+    data = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
     rows = np.stack([data[o:o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])  # (len(offsets), T)
     if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
@@ -443,9 +445,7 @@ def train(c, model_config, ckpt=None):
                         f" x block_size x processes = {tokens_per_micro_step}: change one of them")
     accum = c.total_batch_size // tokens_per_micro_step  # micro-steps per optimizer step
     # 2) the data, checked once and thoroughly, so that a bad file fails here and not mid-run
-    keep_tokenizer(c.data_dir, c.out_dir, c.init_from, ckpt is not None, write=master)
-    train_set = load_tokens(c.data_dir, "train", c.block_size, model_config.vocab_size)
-    val_set = load_tokens(c.data_dir, "validation", c.block_size, model_config.vocab_size)
+    train_set, val_set, tokenizer = load_data(c, model_config.vocab_size)  # (one dataset's)
     val_offsets = torch.linspace(0, val_set.size - c.block_size - 1, c.eval_windows).long().unique()
     # 3) model, optimizers, gradient scaler and batch order; a resumed run restores them all
     torch.manual_seed(c.seed)
@@ -468,10 +468,8 @@ def train(c, model_config, ckpt=None):
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
-    metrics = os.path.join(c.out_dir, "metrics.jsonl")
+    ckpt_path, metrics = checkpoint.start_run(c, tokenizer, step if ckpt else 0, evaluated, master)
     if master:
-        checkpoint.start_metrics(metrics, step if ckpt else 0, evaluated)  # makes out_dir too
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {device} "
               f"{str(dtype)[6:]} | {world} process(es) x {accum} micro-steps x {c.batch_size} x "
               f"{c.block_size} tokens" + (f" | resuming at step {step}" if ckpt else ""))
@@ -555,8 +553,9 @@ def load_model(out_dir, init_from=""):
 
 
 def sample(c):
-    if min(c.temperature, c.top_k) < 0 or min(c.max_new_tokens, c.num_samples) <= 0:
-        raise UserError("--temperature, --top_k must be >= 0; --max_new_tokens, --num_samples > 0")
+    if not 0 <= c.temperature < math.inf or c.top_k < 0 or min(c.max_new_tokens, c.num_samples) < 1:
+        raise UserError("--temperature (finite), --top_k must be >= 0; --max_new_tokens, "
+                        "--num_samples > 0")
     device = checkpoint.pick_device(c.device)
     dtype = checkpoint.pick_dtype(c.dtype, device)  # the weights' dtype, for speed
     model, tokenizer = load_model(c.out_dir, c.init_from)

@@ -5,7 +5,7 @@ and one clear line for a bad input.
 
     python -m pytest test_prepare.py
 """
-import json, os
+import errno, hashlib, json, os
 
 import numpy as np
 import pyarrow
@@ -75,8 +75,17 @@ def test_bin_files_hold_each_story_as_ordinary_tokens_with_end_of_text_between(t
     meta = json.loads((data_dir / "meta.json").read_text())
     assert meta == {"tokenizer": "gpt2", "fingerprint": "gpt2", "vocab_size": 50257, "prefix": [],
                     "eot_token": EOT, "dtype": "uint16",
-                    "train": {"tokens": len(train), "stories": 5},
-                    "validation": {"tokens": len(validation), "stories": 2}}
+                    "train": {"tokens": len(train), "stories": 5,
+                              "fingerprint": file_fingerprint(data_dir / "train.bin")},
+                    "validation": {"tokens": len(validation), "stories": 2,
+                                   "fingerprint": file_fingerprint(data_dir / "validation.bin")}}
+
+
+def file_fingerprint(path):
+    """What meta.json records of a token file, computed here on its own: the sha256 of its size,
+    its first MiB and its last MiB (for a small file, the whole file twice)."""
+    data = path.read_bytes()
+    return hashlib.sha256(str(len(data)).encode() + data[:2 ** 20] + data[-2 ** 20:]).hexdigest()[:16]
 
 
 def test_txt_and_parquet_files_give_the_same_train_bin_as_jsonl(tmp_path):
@@ -143,6 +152,12 @@ BAD_TRAIN_FILES = {
     "not JSON": lambda tmp_path: write_file(tmp_path / "bad.jsonl", "Once upon a time\n"),
     "not UTF-8": lambda tmp_path: write_file(tmp_path / "bad.txt", b"Once upon a time \xff\n"),
     "unknown extension": lambda tmp_path: write_file(tmp_path / "stories.csv", "Once upon a time\n"),
+    # a file of blank lines holds no story, whatever its format
+    "only blank lines (.txt)": lambda tmp_path: write_file(tmp_path / "blank.txt", "\n \n\t\n\n"),
+    "only blank lines (.jsonl)": lambda tmp_path: write_file(tmp_path / "blank.jsonl", "\n \n\t\n\n"),
+    "only whitespace stories": lambda tmp_path: write_jsonl(tmp_path / "blank.jsonl", [" ", "\n\n"]),
+    "parquet text column of integers": lambda tmp_path: write_parquet(tmp_path / "x.parquet", [1, 2]),
+    "a folder in place of a file": lambda tmp_path: (tmp_path / "d.jsonl").mkdir() or tmp_path / "d.jsonl",
 }
 
 
@@ -155,10 +170,8 @@ def test_bad_input_is_one_error_line_and_leaves_existing_files_untouched(tmp_pat
     result = run_prepare("--train_files", BAD_TRAIN_FILES[case](tmp_path),
                          "--validation_files", validation_file, "--data_dir", data_dir)
     assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(error_lines) == 1 and error_lines[0].startswith("prepare.py: error: "), result.stderr
-    assert result.stderr.splitlines()[-1] == error_lines[0]
+    assert result.stderr.startswith("prepare.py: error: ") and result.stderr.count("\n") == 1, \
+        result.stderr
     # Nothing written, nothing half-written: the validation split, already done, was thrown away too.
     assert os.listdir(data_dir) == ["train.bin"]
     assert (data_dir / "train.bin").read_bytes() == b"a good train.bin from an earlier run"
@@ -181,3 +194,140 @@ def test_without_hub_or_local_files_one_line_says_to_pass_local_files(tmp_path):
 def test_unknown_flag_is_an_error(flag):
     result = run_prepare(flag, "x.jsonl")
     assert result.returncode != 0 and "unrecognized arguments" in result.stderr
+
+
+BAD_DATA_DIRS = {  # case: (--data_dir, given tmp_path; what the one line must say)
+    "a file": (lambda tmp_path: write_file(tmp_path / "data", "a file"), "is a file, not a folder"),
+    "empty": (lambda tmp_path: "", "--data_dir is empty"),
+    "under a file": (lambda tmp_path: write_file(tmp_path / "data", "a file") / "sub", "cannot write"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA_DIRS)
+def test_a_data_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path, case):
+    make, message = BAD_DATA_DIRS[case]
+    data_dir = make(tmp_path)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = run_prepare("--train_files", write_jsonl(tmp_path / "t.jsonl", TRAIN_STORIES),
+                         "--validation_files", write_jsonl(tmp_path / "v.jsonl", VALIDATION_STORIES),
+                         "--data_dir", data_dir)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("prepare.py: error: ") and message in result.stderr
+    assert {p: p.read_bytes() for p in files} == files  # the file given as a folder is unchanged
+
+
+# ----- A dataset is whole or refused: never half of one and half of another -----------------------
+
+class Killed(BaseException):
+    """A kill, as far as data_dir can tell: prepare.py stops at that point (its own `finally`
+    still runs here, which a real kill skips: what it leaves is tested with SIGKILL below)."""
+
+
+def tiny_tokenizer_dir(path):
+    """A Hugging Face tokenizer directory (tokenizer.json built as Gemma's is, its <eos> named)."""
+    from conftest import tiny_gemma_tokenizer
+    path.mkdir()
+    tiny_gemma_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return path
+
+
+def prepare_in_process(tmp_path, data_dir, tokenizer, stories):
+    """prepare.py's main, in this process (so that a stage can be made to fail), on `stories`."""
+    import prepare
+    train = write_jsonl(tmp_path / "t.jsonl", stories)
+    validation = write_jsonl(tmp_path / "v.jsonl", VALIDATION_STORIES)
+    prepare.main(["--train_files", str(train), "--validation_files", str(validation),
+                  "--data_dir", str(data_dir), "--tokenizer", str(tokenizer), "--num_threads", "1"])
+
+
+def read_dataset(data_dir):
+    """What a training reads of data_dir, checked as a training checks it: (its tokenizer's name,
+    train.bin's bytes, validation.bin's bytes); a UserError if it refuses the data."""
+    import prepare
+    meta, _ = prepare.check_tokenizer(str(data_dir), str(data_dir / "no_run"), "", False)
+    files = [prepare.load_tokens(str(data_dir), split, 8, 50257, meta)
+             for split in ("train", "validation")]
+    return (meta["tokenizer"],) + tuple(open(f.path, "rb").read() for f in files)
+
+
+# old dataset -> new one: GPT-2's, then the brief's case (a model's own tokenizer over it); GPT-2's
+# of an older prepare.py (no meta.json); and a model's own tokenizer, then GPT-2's
+SWITCHES = {"gpt2 -> own": ("gpt2", "own", False), "gpt2 of an older prepare.py -> own":
+            ("gpt2", "own", True), "own -> gpt2": ("own", "gpt2", False)}
+FAILURES = ["writing validation.bin", "writing train.bin", "copying the tokenizer",
+            "writing meta.json"] + [f"killed before rename {k}" for k in range(6)]
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_prepare_failing_at_any_stage_leaves_the_old_dataset_the_new_one_or_one_refused(
+        tmp_path, monkeypatch, capsys, switch, failure):
+    import prepare
+    old_tokenizer, new_tokenizer, older_version = SWITCHES[switch]
+    own = tiny_tokenizer_dir(tmp_path / "own")
+    tokenizers = {"gpt2": "gpt2", "own": own}
+    data_dir, fresh = tmp_path / "data", tmp_path / "fresh"
+    prepare_in_process(tmp_path, data_dir, tokenizers[old_tokenizer], TRAIN_STORIES[:2])
+    if older_version:  # as an older prepare.py left it: the token files alone
+        (data_dir / "meta.json").unlink()
+    old = read_dataset(data_dir)
+    prepare_in_process(tmp_path, fresh, tokenizers[new_tokenizer], TRAIN_STORIES)
+    new = read_dataset(fresh)
+    assert old != new and new[0] != "gpt2" or new_tokenizer == "gpt2"
+
+    renames, replace = [], os.replace  # the renames into data_dir itself, in order
+
+    def counted_replace(src, dst):
+        if os.path.dirname(os.path.abspath(dst)) == str(data_dir):
+            renames.append(os.path.basename(dst))
+            if failure == f"killed before rename {len(renames) - 1}":
+                raise Killed
+        return replace(src, dst)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    calls = {"tokenize": 0}
+    tokenize = prepare.tokenize_stories
+
+    def tokenize_then_fail(stories, path, *args, **kwargs):  # validation first, then train
+        calls["tokenize"] += 1
+        if failure == ["writing validation.bin", "writing train.bin"][min(calls["tokenize"], 2) - 1]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return tokenize(stories, path, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", counted_replace)
+    monkeypatch.setattr(prepare, "tokenize_stories", tokenize_then_fail)
+    if failure == "copying the tokenizer":
+        monkeypatch.setattr(prepare.HFTokenizer, "save", disk_full)
+    if failure == "writing meta.json":
+        monkeypatch.setattr(prepare, "dataset_meta", disk_full)
+    capsys.readouterr()
+    try:
+        prepare_in_process(tmp_path, data_dir, tokenizers[new_tokenizer], TRAIN_STORIES)
+        outcome = "finished"
+    except SystemExit as e:  # a failure said in one line
+        assert e.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("prepare.py: error: could not write the new dataset") and \
+            "the disk is full" in err and "the previous one there is intact" in err, err
+        outcome = "failed"
+    except Killed:
+        outcome = "killed"
+    monkeypatch.undo()
+    try:
+        state = read_dataset(data_dir)
+    except prepare.UserError as e:  # refused: never trained on
+        assert "run prepare.py again" in str(e), e
+        state = "refused"
+    done = renames[:-1] if outcome == "killed" else renames  # the renames that happened
+    if "validation.bin" not in done:  # failed or killed before the first token file moved
+        assert outcome != "finished" and state == old  # the old dataset, whole
+    elif outcome == "killed":  # after it, and before meta.json moved (the last rename)
+        assert renames[-1] in ("train.bin", "tokenizer", "meta.json") and state == "refused"
+    else:
+        assert outcome == "finished" and state == new and renames[-1] == "meta.json"
+    leftovers = [n for n in os.listdir(data_dir) if n.startswith(".")]
+    assert leftovers == [], leftovers  # (even "killed": its `finally` ran here)
+    if state == "refused":  # and running prepare.py again mends it
+        prepare_in_process(tmp_path, data_dir, tokenizers[new_tokenizer], TRAIN_STORIES)
+        assert read_dataset(data_dir) == new

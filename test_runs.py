@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HERE, cli, generated_stories, write_jsonl
+from conftest import HERE, cli, generated_stories, open_when_read, write_jsonl
 from prepare import gpt2_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -225,6 +225,110 @@ def test_a_signal_under_torchrun_stops_every_process_at_the_same_step(data_dir, 
     assert f"resuming at step {step}" in result.stdout
 
 
+# ----- Files, folders and processes that collide: nothing lost -------------------------------------
+
+
+def copy_data(data_dir, d):
+    """A copy of the prepared data (its token files and meta.json) in d, for a test to change."""
+    d.mkdir()
+    for name in ("train.bin", "validation.bin", "meta.json"):
+        (d / name).write_bytes((data_dir / name).read_bytes())
+    return d
+
+
+def test_a_training_reads_on_from_the_files_it_checked_when_prepare_py_replaces_them(data_dir,
+                                                                                   tmp_path):
+    d, steps = copy_data(data_dir, tmp_path / "data"), ["--max_steps", "6", "--eval_interval", "3"]
+    train(d, tmp_path / "whole", *steps)
+    before = (d / "train.bin").read_bytes()
+    proc = start(d, tmp_path / "split", *steps)
+    wait_for_step(tmp_path / "split", 2, proc)
+    proc.send_signal(signal.SIGSTOP)  # held still while prepare.py replaces its data, whole
+    try:
+        cli("prepare.py", "--train_files", write_jsonl(tmp_path / "t.jsonl",
+                                                       generated_stories(40, seed=7)),
+            "--validation_files", write_jsonl(tmp_path / "v.jsonl", generated_stories(5, seed=8)),
+            "--data_dir", d)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert (d / "train.bin").read_bytes() != before  # the data did change under it (shorter)...
+    assert rows(tmp_path / "split") == rows(tmp_path / "whole")  # ...and it trained on the old
+
+
+@pytest.mark.parametrize("second", ["new", "resume"])
+def test_one_folder_one_run_a_second_training_is_refused_while_the_first_runs(data_dir, tmp_path,
+                                                                              second):
+    out = tmp_path / "out"
+    proc = start(data_dir, out, "--max_steps", "400", "--eval_interval", "1000")
+    wait_for_step(out, 1, proc)
+    proc.send_signal(signal.SIGSTOP)  # so that out/ holds still while it is compared
+    try:
+        files = snapshot(out)
+        result = train(data_dir, out, *(["--resume"] if second == "resume" else []), check=False)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"another training (process {proc.pid}) is running in {out}" in result.stderr
+    assert snapshot(out) == files  # not a row of its own in metrics.jsonl, nor a checkpoint
+    proc.send_signal(signal.SIGKILL)  # the first run dies without a word...
+    proc.wait()
+    assert (out / ".lock").exists()  # ...and its lock file stays, but not its lock:
+    step = saved_step(out)
+    result = train(data_dir, out, "--resume", "--max_steps", str(step + 1))
+    assert f"resuming at step {step}" in result.stdout
+    assert not (out / ".lock").exists()  # and the run that took it over removed it
+
+
+def test_resuming_a_finished_run_says_it_is_done(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "2", "--eval_interval", "2")
+    files = snapshot(out)
+    result = train(data_dir, out, "--resume")
+    assert f"the run in {out} is done: step 2 of --max_steps 2" in result.stdout
+    assert "pass a higher --max_steps" in result.stdout and snapshot(out) == files
+
+
+def test_more_validation_windows_than_the_file_holds_are_said(data_dir, tmp_path):
+    distinct = len(np.fromfile(data_dir / "validation.bin", np.uint16)) - 64  # block_size 64
+    result = train(data_dir, tmp_path / "out", "--max_steps", "1", "--eval_windows", "100000")
+    assert f"holds {distinct:,} distinct windows of 64 tokens" in result.stderr
+    assert "not on --eval_windows 100000" in result.stderr
+    result = train(data_dir, tmp_path / "out2", "--max_steps", "1", "--eval_windows", "4")
+    assert "note" not in result.stderr  # the control: 4 windows fit
+
+
+START_UP = {  # command: its flags; each reads out/ckpt.pt, here a named pipe that no one writes to
+    "train --resume": ["train", *TINY, "--resume", "--data_dir", "{data}", "--out_dir", "{out}"],
+    "sample": ["sample", "--out_dir", "{out}"],
+    "export": ["export", "--out_dir", "{out}", "--hf_dir", "{tmp}/hf"],
+    "eval": ["eval", "--out_dir", "{out}", "--files", "{tmp}/stories.jsonl"],
+}
+
+
+@pytest.mark.parametrize("command", START_UP)
+def test_ctrl_c_during_start_up_ends_in_one_line_with_status_130_and_nothing_written(
+        data_dir, tmp_path, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "ckpt.pt")  # read as slowly as a network disk: start-up waits there
+    write_jsonl(tmp_path / "stories.jsonl", generated_stories(5))
+    args = [a.format(data=data_dir, out=out, tmp=tmp_path) for a in START_UP[command]]
+    proc = subprocess.Popen([sys.executable, "gemma.py", *args], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fd = open_when_read(out / "ckpt.pt", proc)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 130, err
+    assert err.startswith("gemma.py: error: interrupted by Ctrl-C") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stories.jsonl"]  # no hf/
+    assert os.listdir(out) == ["ckpt.pt"]  # nor a lock file
+
+
 # ----- Bad input: one line, exit 1, nothing changed ------------------------------------------------
 
 
@@ -233,11 +337,41 @@ def write_tokens(path, tokens):
 
 
 def snapshot(*dirs):
-    return {p: p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file under dirs: its bytes and its modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for d in dirs for p in sorted(d.rglob("*"))
+            if p.is_file()}
 
 
 def make_checkpoint(data, out):
     train(data, out, "--max_steps", "1")
+
+
+def legacy(d):
+    """data_dir as an older prepare.py left it: GPT-2 uint16 token files, no meta.json."""
+    (d / "meta.json").unlink()
+    return d
+
+
+def half_of_train_bin(d):
+    """train.bin cut to half its tokens, at an even byte count: meta.json still counts them all."""
+    data = (d / "train.bin").read_bytes()
+    (d / "train.bin").write_bytes(data[:len(data) // 4 * 2])
+
+
+def another_train_bin(d):
+    """train.bin of other stories, of the very same length: only the fingerprint can tell."""
+    tokens = np.fromfile(d / "train.bin", np.uint16)
+    write_tokens(d / "train.bin", np.roll(tokens, 1000))
+
+
+def hugging_face_dir(d, **changes):
+    """d/hf: an export of a tiny GPT-2-vocabulary Gemma, its config.json changed (None: a list)."""
+    from conftest import tiny_model
+    import hf
+    hf.export(tiny_model(vocab_size=50257), gpt2_tokenizer(), str(d / "hf"))
+    config = json.loads((d / "hf" / "config.json").read_text())
+    config = [] if changes.get("config") == "a list" else {**config, **changes}
+    (d / "hf" / "config.json").write_text(json.dumps(config))
 
 
 BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one line must say)
@@ -245,15 +379,46 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
                           "run `python prepare.py"),
     "odd-sized train.bin": (lambda d, o: (d / "train.bin").write_bytes(b"abc"), [],
                             "not a whole number of uint16 tokens"),
-    "empty validation.bin": (lambda d, o: (d / "validation.bin").write_bytes(b""), [],
+    "empty validation.bin": (lambda d, o: (legacy(d) / "validation.bin").write_bytes(b""), [],
                              "fewer than one block"),
-    "too short validation.bin": (lambda d, o: write_tokens(d / "validation.bin", range(10)), [],
-                                 "fewer than one block"),
+    "too short validation.bin": (lambda d, o: write_tokens(legacy(d) / "validation.bin",
+                                                           range(10)), [], "fewer than one block"),
     "train.bin is a directory": (lambda d, o: ((d / "train.bin").unlink(),
                                                (d / "train.bin").mkdir()), [],
                                  "train.bin: run `python prepare.py"),
-    "tokens beyond the vocabulary": (lambda d, o: write_tokens(d / "train.bin", [1, 60000] * 99),
+    "tokens beyond the vocabulary": (lambda d, o: write_tokens(legacy(d) / "train.bin",
+                                                               [1, 60000] * 99),
                                      [], "beyond the vocabulary of gpt2 that made it"),
+    "train.bin cut to half its tokens": (lambda d, o: half_of_train_bin(d), [],
+                                         "but {data}/meta.json records"),
+    "train.bin cut, without meta.json": (lambda d, o: write_tokens(legacy(d) / "train.bin",
+                                                                   range(10)), [],
+                                         "fewer than one block"),
+    "train.bin of other stories, same length": (lambda d, o: another_train_bin(d), [],
+                                                "is not the file that {data}/meta.json describes"),
+    "validation.bin of another dataset": (
+        lambda d, o: write_tokens(d / "validation.bin", range(300)), [], "run prepare.py again"),
+    "meta.json is a list": (lambda d, o: (d / "meta.json").write_text("[]"), [],
+                            "meta.json is damaged"),
+    "meta.json of another dtype": (lambda d, o: (d / "meta.json").write_text('{"dtype": "int8"}'),
+                                   [], "meta.json is damaged"),
+    "meta.json counting in words": (
+        lambda d, o: (d / "meta.json").write_text('{"train": {"tokens": "many"}}'), [],
+        "meta.json is damaged"),
+    "init_from config.json is a list": (lambda d, o: hugging_face_dir(d, config="a list"),
+                                        ["--init_from", "{data}/hf"], "not an object"),
+    "init_from layer types disagree": (
+        lambda d, o: hugging_face_dir(d, num_hidden_layers=3), ["--init_from", "{data}/hf"],
+        "disagree with its num_hidden_layers"),
+    "init_from head_dim 7": (lambda d, o: hugging_face_dir(d, head_dim=7),
+                             ["--init_from", "{data}/hf"], "head_dim must be even, not 7"),
+    "init_from width in words": (lambda d, o: hugging_face_dir(d, hidden_size="640"),
+                                 ["--init_from", "{data}/hf"], "not a whole number"),
+    "empty out_dir": (None, ["--out_dir", ""], "--out_dir is empty"),
+    "empty data_dir": (None, ["--data_dir", ""], "--data_dir is empty"),
+    "resume below the saved step": (lambda d, o: train(d, o, "--max_steps", "2"),
+                                    ["--resume", "--max_steps", "1"],
+                                    "is at step 2, beyond --max_steps 1: nothing to do"),
     "block size 0": (None, ["--block_size", "0"], "--block_size must be positive"),
     "negative learning rate": (None, ["--lr", "-1"], "--lr must be positive"),
     "learning rate nan": (None, ["--lr", "nan"], "--lr must be positive"),
@@ -296,8 +461,8 @@ def test_bad_training_input_ends_in_one_line_exit_1_and_every_file_unchanged(cas
     d, out = tmp_path / "data", tmp_path / "out"
     d.mkdir()
     out.mkdir()
-    for split in ("train", "validation"):
-        (d / f"{split}.bin").write_bytes((data_dir / f"{split}.bin").read_bytes())
+    for name in ("train.bin", "validation.bin", "meta.json"):
+        (d / name).write_bytes((data_dir / name).read_bytes())
     damage, flags, message = BAD_TRAINING[case]
     if damage:
         damage(d, out)
@@ -305,7 +470,7 @@ def test_bad_training_input_ends_in_one_line_exit_1_and_every_file_unchanged(cas
     result = train(d, out, *[f.format(data=d, out=out) for f in flags], check=False)
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("gemma.py: error:") and result.stderr.count("\n") == 1
-    assert message in result.stderr, result.stderr
+    assert message.format(data=d, out=out) in result.stderr, result.stderr
     assert snapshot(d, out) == files  # nothing written, nothing lost
 
 
