@@ -381,10 +381,10 @@ def check_files(paths):
     """Fail on a file that cannot be read before any work, and before anything is written."""
     for path in paths:
         extension = os.path.splitext(path)[1].lower()
-        if extension not in READERS:
-            raise UserError(f"{path}: unknown file type {extension!r}; use .jsonl/.json, .parquet or .txt")
         if os.path.isdir(path):
             raise UserError(f"{path} is a folder: name the files in it")
+        if extension not in READERS:
+            raise UserError(f"{path}: unknown file type {extension!r}; use .jsonl/.json, .parquet or .txt")
         if not os.path.exists(path):  # a named pipe is fine: stories streamed by another program
             raise UserError(f"{path}: no such file; check the path")
 
@@ -514,6 +514,8 @@ def tokenize_files(paths, enc, data_dir, block_size, vocab_size):
     try:
         path = os.path.join(data_dir, "eval.bin")
         n_tokens, n_stories = tokenize_stories(read_stories(paths), path, enc)
+        if n_stories == 0:
+            raise UserError(f"no stories in {files}: check that it holds non-empty text")
         if n_tokens < block_size + 1:
             raise UserError(f"{files}: {n_stories} stories, {n_tokens} tokens, fewer than one window"
                             f" of {block_size} + 1: give more stories, or a lower --block_size")

@@ -12,7 +12,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from conftest import cli, write_jsonl
+from conftest import cli, open_when_read, write_jsonl
 from prepare import gpt2_tokenizer, tokenize_stories
 
 EOT = 50256
@@ -331,3 +331,80 @@ def test_prepare_failing_at_any_stage_leaves_the_old_dataset_the_new_one_or_one_
     if state == "refused":  # and running prepare.py again mends it
         prepare_in_process(tmp_path, data_dir, tokenizers[new_tokenizer], TRAIN_STORIES)
         assert read_dataset(data_dir) == new
+
+
+# ----- prepare.py as a process: Ctrl-C, a kill, a second prepare.py, a full disk (slow) -----------
+
+def dataset_files(data_dir):
+    """Every file in data_dir, hidden ones included, with its bytes and modification time."""
+    return {p.relative_to(data_dir): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(data_dir.rglob("*")) if p.is_file()}
+
+
+def start_prepare(tmp_path, data_dir, *extra):
+    """prepare.py whose train file is a named pipe: it takes the validation split, then waits for
+    the train stories, with its work folder half-written."""
+    import subprocess, sys
+    from conftest import HERE
+    os.mkfifo(tmp_path / "stream.jsonl")
+    return subprocess.Popen([sys.executable, "prepare.py", "--train_files", tmp_path / "stream.jsonl",
+                             "--validation_files", write_jsonl(tmp_path / "v2.jsonl", VALIDATION_STORIES),
+                             "--data_dir", data_dir, *extra], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl_c", "sigkill"])
+def test_prepare_stopped_midway_leaves_the_old_dataset_and_the_next_run_clears_its_leftovers(
+        tmp_path, how):
+    import signal
+    data_dir = prepare_ok(tmp_path, write_jsonl(tmp_path / "train.jsonl", TRAIN_STORIES),
+                          tmp_path / "data")
+    old = dataset_files(data_dir)
+    proc = start_prepare(tmp_path, data_dir)
+    fd = open_when_read(tmp_path / "stream.jsonl", proc)
+    try:
+        os.write(fd, (json.dumps({"text": "Once upon a time, a half-read story."}) + "\n").encode())
+        # meanwhile a second prepare.py into the same folder is refused, and changes nothing
+        result = run_prepare("--train_files", tmp_path / "train.jsonl", "--validation_files",
+                             tmp_path / "validation.jsonl", "--data_dir", data_dir)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"another prepare.py (process {proc.pid}) is writing to {data_dir}" in result.stderr
+        work = [n for n in os.listdir(data_dir) if n.startswith(".prepare-")]
+        assert len(work) == 1 and os.listdir(data_dir / work[0]) != []  # it is midway
+        proc.send_signal(signal.SIGINT if how == "ctrl_c" else signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(fd)
+    if how == "ctrl_c":
+        assert proc.returncode == 130 and err.count("\n") == 1, err
+        assert err.startswith("prepare.py: error: interrupted by Ctrl-C")
+        assert dataset_files(data_dir) == old  # and no leftovers: its `finally` cleared them
+    else:  # killed: the old dataset is whole and trains; what it was writing is left behind...
+        assert {p for p in dataset_files(data_dir) if not str(p).startswith(".")} == set(old)
+        assert all(dataset_files(data_dir)[p] == old[p] for p in old)
+        assert any(n.startswith(".prepare-") for n in os.listdir(data_dir))
+        assert read_dataset(data_dir)[1] == expected_tokens(TRAIN_STORIES).tobytes()
+        prepare_ok(tmp_path, write_jsonl(tmp_path / "new.jsonl", TRAIN_STORIES[:2]), data_dir)
+        # ...until the next prepare.py, which clears it
+        assert sorted(os.listdir(data_dir)) == ["meta.json", "train.bin", "validation.bin"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_prepare_writes_leaves_the_old_dataset_and_says_so(tmp_path):
+    import resource, subprocess, sys
+    from conftest import HERE, generated_stories
+    data_dir = prepare_ok(tmp_path, write_jsonl(tmp_path / "train.jsonl", TRAIN_STORIES),
+                          tmp_path / "data")
+    old = dataset_files(data_dir)
+    big = write_jsonl(tmp_path / "big.jsonl", generated_stories(2000))  # ~140 kB of tokens
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+    result = subprocess.run([sys.executable, "prepare.py", "--train_files", big, "--validation_files",
+                             tmp_path / "validation.jsonl", "--data_dir", data_dir], cwd=HERE,
+                            capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("prepare.py: error: could not write the new dataset in")
+    assert "(the disk is full)" in result.stderr and "the previous one there is intact" in result.stderr
+    assert dataset_files(data_dir) == old  # nothing left behind either

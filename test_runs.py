@@ -482,12 +482,38 @@ def test_bad_sampling_input_ends_in_one_line_and_a_long_prompt_is_cropped_with_a
     out = tmp_path / "out"
     train(data_dir, out, "--max_steps", "1")
     for flags, message in [(["--temperature", "-1"], "--temperature"),
+                           (["--temperature", "nan"], "--temperature (finite)"),
+                           (["--temperature", "inf"], "--temperature (finite)"),
+                           (["--temperature=-inf"], "--temperature (finite)"),
+                           (["--top_k", "-1"], "--top_k must be >= 0"),
                            (["--num_samples", "0"], "--num_samples"),
+                           (["--max_new_tokens", "-5"], "--max_new_tokens"),
                            (["--device", "cuda"], "--device cuda"),
+                           (["--dtype", "float64"], "--dtype must be"),
                            (["--init_from", tmp_path / "nothing"], "no config.json")]:
         result = cli("gemma.py", "sample", "--out_dir", out, *flags, check=False)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1
+    # a temperature so small that logits / temperature overflow float32: the greedy story
+    greedy = [cli("gemma.py", "sample", "--out_dir", out, "--max_new_tokens", "8",
+                  "--temperature", t).stdout for t in ("0", "1e-30")]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("Once upon a time")
+    # eval: numbers that make no windows, and files with too little text, named as given
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    write_jsonl(tmp_path / "short.jsonl", ["Once upon a time."])
+    for flags, message in [(["--files", tmp_path / "empty.txt"], f"no stories in {tmp_path}"),
+                           (["--files", tmp_path / "blank.txt"], "no stories in"),
+                           (["--files", tmp_path / "short.jsonl"],
+                            f"{tmp_path / 'short.jsonl'}: 1 stories, 5 tokens, fewer than one"),
+                           (["--files", tmp_path], "is a folder"),
+                           (["--files", tmp_path / "empty.txt", "--block_size", "0"],
+                            "--block_size and --batch_size must be positive"),
+                           (["--files", tmp_path / "empty.txt", "--batch_size", "-1"],
+                            "--block_size and --batch_size must be positive")]:
+        result = cli("gemma.py", "eval", "--out_dir", out, *flags, check=False)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr and "eval.bin" not in result.stderr, result.stderr
     long_prompt = "Once upon a time " * 40  # 160 tokens; the context is 64
     result = cli("gemma.py", "sample", "--out_dir", out, "--max_new_tokens", "10", long_prompt)
     assert "10 new tokens after the prompt's last 54" in result.stderr
