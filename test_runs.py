@@ -549,6 +549,45 @@ def test_export_into_a_directory_that_cannot_be_made_ends_in_one_line(data_dir, 
     assert result.returncode == 1 and "no checkpoint" in result.stderr
 
 
+def test_export_never_mixes_two_models_nor_leaves_a_wreck(data_dir, tmp_path):
+    out, hf_dir = tmp_path / "out", tmp_path / "hf"
+    train(data_dir, out, "--max_steps", "1")
+    cli("gemma.py", "export", "--out_dir", out, "--hf_dir", hf_dir)
+    earlier, run = snapshot(hf_dir), snapshot(out)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text("{}")  # another model's file
+    for target, message in [(out, "not an export of gemma.py (ckpt.pt, metrics.jsonl)"),
+                            (tmp_path / "other", "not an export of gemma.py (tokenizer.json)")]:
+        result = cli("gemma.py", "export", "--out_dir", out, "--hf_dir", target, check=False)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr
+    assert snapshot(out) == run and os.listdir(tmp_path / "other") == ["tokenizer.json"]
+
+    def limit_file_size():  # a full disk: model.safetensors (13 MB) cannot be written whole
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+    result = subprocess.run([sys.executable, "gemma.py", "export", "--out_dir", out, "--hf_dir",
+                             hf_dir], cwd=HERE, capture_output=True, text=True,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"could not write {hf_dir} (the disk is full); the earlier export there is intact" in \
+        result.stderr
+    assert snapshot(hf_dir) == earlier
+    assert sorted(os.listdir(tmp_path)) == ["hf", "other", "out"]  # no half-written folder
+
+    # an export killed once its files are written, before it swaps them in
+    kill = ("import os, signal, sys; import hf, gemma; write = hf.write_export\n"
+            "def write_then_die(*args):\n    write(*args)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "hf.write_export = write_then_die\n"
+            "gemma.main(['export', '--out_dir', sys.argv[1], '--hf_dir', sys.argv[2]])")
+    result = cli("-c", kill, out, hf_dir, check=False)
+    assert result.returncode == -signal.SIGKILL and snapshot(hf_dir) == earlier
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.export-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").exists()
+    cli("gemma.py", "export", "--out_dir", out, "--hf_dir", hf_dir)  # the next export clears them
+    assert sorted(os.listdir(tmp_path)) == ["hf", "other", "out"]
+    assert sorted(os.listdir(hf_dir)) == sorted(p.name for p in earlier)
+
+
 def test_the_readme_cpu_quick_start_runs_as_written(tmp_path):
     """The README's quick-start commands, with only the data paths changed (and the run cut to two
     steps, to suit a test): a README that drifts from the code fails here."""
