@@ -130,6 +130,8 @@ def start_processes(device_name):
     """(rank, world size, device). Under torchrun, one process per GPU, or per CPU worker with
     the gloo backend; rank 0 alone logs, evaluates and saves."""
     device = pick_device(device_name)
+    if hasattr(signal, "SIGPIPE"):  # Python's way back (prepare.handle_signals): a closed pipe is
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # an error, never a death between processes
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -281,9 +283,7 @@ def lock_run(out_dir):
     if os.environ.get("RANK", "0") != "0" or out_dir in RUN_LOCKS or not os.path.isdir(out_dir):
         return
     try:
-        RUN_LOCKS[out_dir] = FolderLock(out_dir, f"another training (process {{pid}}) is running in"
-                                                 f" {out_dir}: wait for it to finish, or train into "
-                                                 "another --out_dir")
+        RUN_LOCKS[out_dir] = FolderLock(out_dir, "a training", "train into another --out_dir")
     except OSError as e:
         raise UserError(f"cannot write to {out_dir} ({e.strerror or e}): choose another "
                         "--out_dir") from None
@@ -334,13 +334,21 @@ def start_metrics(path, step, evaluated):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(path + ".tmp", path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}): choose another --out_dir") from None
+        what, fix = why_unwritten(e)
+        raise UserError(f"cannot write {path} ({what}): {fix}, or choose another --out_dir") from None
 
 
 def log_metrics(path, step, tokens_per_step, **row):
-    """One JSON line of metrics.jsonl: the step, the tokens seen by then, and what was measured."""
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, **row)) + "\n")
+    """One JSON line of metrics.jsonl: the step, the tokens seen by then, and what was measured. A
+    full disk stops the run in one line (a torn last line is skipped on resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, **row)) + "\n")
+    except OSError as e:
+        what, fix = why_unwritten(e)
+        raise UserError(f"could not write {path} ({what}); the last checkpoint in "
+                        f"{os.path.dirname(path) or '.'} is intact: {fix}, then continue with "
+                        "--resume") from None
 
 
 STOPS = []  # the signals received since stop_on_signals

@@ -17,9 +17,9 @@ run's state; hf.py moves weights to and from Hugging Face, the reference for eve
 import argparse, codecs, math, os, sys, tempfile, time
 from dataclasses import asdict, dataclass, replace
 
-from prepare import UserError, exit_on_interrupt, load_data, load_tokenizer, tokenize_files
+from prepare import UserError, handle_signals, load_data, load_tokenizer, tokenize_files
 if __name__ == "__main__":  # first: torch takes seconds to load, and Ctrl-C then is one line too
-    exit_on_interrupt("gemma.py")
+    handle_signals("gemma.py")
 import numpy as np
 import torch
 import torch.nn as nn

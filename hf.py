@@ -185,7 +185,7 @@ def export(model, tokenizer, hf_dir):
         os.makedirs(parent, exist_ok=True)
         clear_leftovers(parent, name)
         work = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
-        lock = FolderLock(work, "")  # while it lives, another export's clear_leftovers leaves it alone
+        lock = FolderLock(work, "an export")  # while it lives, another export's clear_leftovers keeps off
         write_export(model, tokenizer, work, package)
         swap(work, target, lock)
     except (OSError, SafetensorError) as e:
@@ -225,7 +225,7 @@ def clear_leftovers(parent, name):
         path = os.path.join(parent, leftover)
         if leftover.startswith(f".{name}.export-") and os.path.isdir(path) and not os.path.islink(path):
             try:
-                FolderLock(path, "").release()
+                FolderLock(path, "an export's clearing").release()
             except UserError:
                 continue
             shutil.rmtree(path, ignore_errors=True)

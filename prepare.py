@@ -77,15 +77,19 @@ class UserError(Exception):
 
 # ----- What every command shares: one line for Ctrl-C or a full disk, one writer a folder ---------
 
-def exit_on_interrupt(program):
+def handle_signals(program):
     """From now on Ctrl-C ends `program` in one line with status 130 (128 + SIGINT), as training's
     own handler does, not with a KeyboardInterrupt traceback; on the way out every `finally` cleans
-    up what it made, and renames that belong together finish first (signals_held)."""
+    up what it made, and renames that belong together finish first (signals_held). And a reader
+    that goes away (`| head`) ends it quietly, as it ends cat, not with a BrokenPipeError (training
+    undoes this: see checkpoint.start_processes)."""
     def interrupted(signum, frame):
         print(f"{program}: error: interrupted by Ctrl-C before it finished; nothing is left "
               "half-written: run it again", file=sys.stderr)
         sys.exit(128 + signum)
     signal.signal(signal.SIGINT, interrupted)
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -156,24 +160,26 @@ def try_lock(fd, path):
 
 
 class FolderLock:
-    """One writer a folder: hold folder/.lock while this process writes there; another process that
-    tries is refused with the one line `busy` ({pid} is the holder's process id). The lock goes
-    with the process however it ends, so a killed holder never leaves it behind; its file is
-    removed on release (or at exit), and a killed holder's stays, unlocked, for the next one to take
-    and remove. Usable as a context manager."""
+    """One writer a folder: hold folder/.lock while this process writes there (what: its work, in
+    words: "a training"); another process that tries is refused in one line that names the holder
+    and offers `instead`. The lock goes with the process however it ends, so a killed holder never
+    leaves it behind; its file (the holder's process id and work) is removed on release or at
+    exit, and a killed holder's stays, unlocked, for the next one to take and remove. Usable as a
+    context manager."""
     NAME = ".lock"
 
-    def __init__(self, folder, busy):
+    def __init__(self, folder, what, instead="use another folder"):
         self.path, self.fd = os.path.join(folder, self.NAME), None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if not try_lock(fd, self.path):
                 try:
-                    pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                    pid, _, holder = os.read(fd, 200).decode(errors="replace").strip().partition(" ")
                 except OSError:  # Windows: the holder's locked byte cannot be read
-                    pid = "?"
+                    pid, holder = "", ""
                 os.close(fd)
-                raise UserError(busy.format(pid=pid))
+                raise UserError(f"{folder} is in use by {holder or 'another process'} (process "
+                                f"{pid or '?'}): wait for it to finish, or {instead}")
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -182,7 +188,7 @@ class FolderLock:
                 break
             os.close(fd)  # its holder removed it as we opened it: take the one there now
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {what}\n".encode())
         self.fd = fd
         atexit.register(self.release)
 
@@ -672,6 +678,11 @@ def prepare(args):
         raise UserError("pass both --train_files and --validation_files, or neither to use the hub")
     for files in splits.values():
         check_files(files or [])
+    both = {os.path.realpath(f) for f in args.train_files or []} & {
+        os.path.realpath(f) for f in args.validation_files or []}
+    if both:  # allowed (a quick try), but its validation loss measures memory, not learning
+        print(f"note: {', '.join(sorted(both))} is in both splits: the validation loss will not "
+              "tell learning from memorising", file=sys.stderr)
     data_dir = args.data_dir
     if not data_dir.strip():
         raise UserError("--data_dir is empty: name the folder to write to (default: data)")
@@ -682,8 +693,7 @@ def prepare(args):
     survive_file_size_limits()
     try:
         os.makedirs(data_dir, exist_ok=True)
-        lock = FolderLock(data_dir, f"another prepare.py (process {{pid}}) is writing to {data_dir}:"
-                                    " wait for it to finish, or choose another --data_dir")
+        lock = FolderLock(data_dir, "prepare.py", "choose another --data_dir")
     except OSError as e:
         raise UserError(f"cannot write to {data_dir} ({e.strerror or e}): choose another "
                         "--data_dir") from None
@@ -821,5 +831,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_interrupt("prepare.py")
+    handle_signals("prepare.py")
     main()

@@ -190,6 +190,17 @@ def test_without_hub_or_local_files_one_line_says_to_pass_local_files(tmp_path):
     assert not list(tmp_path.glob("data/*"))
 
 
+def test_the_same_file_in_both_splits_is_noted(tmp_path):
+    stories = write_jsonl(tmp_path / "stories.jsonl", TRAIN_STORIES)
+    result = run_prepare("--train_files", stories, "--validation_files", tmp_path / "." / "stories.jsonl",
+                         "--data_dir", tmp_path / "data")
+    assert result.returncode == 0 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"note: {stories} is in both splits")
+    result = run_prepare("--train_files", stories, "--validation_files",
+                         write_jsonl(tmp_path / "v.jsonl", VALIDATION_STORIES), "--data_dir", tmp_path / "data")
+    assert result.returncode == 0 and result.stderr == ""  # the control: two files, no note
+
+
 @pytest.mark.parametrize("flag", ["--bogus", "--train_file"])  # not even a prefix of --train_files
 def test_unknown_flag_is_an_error(flag):
     result = run_prepare(flag, "x.jsonl")
@@ -369,7 +380,7 @@ def test_prepare_stopped_midway_leaves_the_old_dataset_and_the_next_run_clears_i
         result = run_prepare("--train_files", tmp_path / "train.jsonl", "--validation_files",
                              tmp_path / "validation.jsonl", "--data_dir", data_dir)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-        assert f"another prepare.py (process {proc.pid}) is writing to {data_dir}" in result.stderr
+        assert f"{data_dir} is in use by prepare.py (process {proc.pid})" in result.stderr
         work = [n for n in os.listdir(data_dir) if n.startswith(".prepare-")]
         assert len(work) == 1 and os.listdir(data_dir / work[0]) != []  # it is midway
         proc.send_signal(signal.SIGINT if how == "ctrl_c" else signal.SIGKILL)

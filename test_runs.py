@@ -171,6 +171,40 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(data_dir
     assert "resuming at step 1" in result.stdout and "step 3/3" in result.stdout
 
 
+def test_a_full_disk_while_appending_metrics_stops_in_one_line_and_the_run_resumes(data_dir,
+                                                                                   tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1", "--eval_interval", "1")
+    saved, size = (out / "ckpt.pt").read_bytes(), (out / "metrics.jsonl").stat().st_size
+    limit = size + 20  # metrics.jsonl is rewritten as it is, then the next row does not fit
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = start(data_dir, out, "--resume", "--max_steps", "3", "--eval_interval", "1",
+                 preexec_fn=limit_file_size)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"gemma.py: error: could not write {out / 'metrics.jsonl'} (the disk is "
+                          f"full); the last checkpoint in {out} is intact")
+    assert (out / "ckpt.pt").read_bytes() == saved
+    result = train(data_dir, out, "--resume", "--max_steps", "3", "--eval_interval", "1")
+    assert "resuming at step 1" in result.stdout  # the torn row is skipped
+    assert [r["step"] for r in rows(out)] == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_sampling_into_a_pipe_closed_early_ends_quietly(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1")
+    # `gemma.py sample | head -c 100`: far more stories than a pipe holds, then the reader is gone
+    proc = subprocess.Popen([sys.executable, "gemma.py", "sample", "--out_dir", str(out),
+                             "--num_samples", "1000", "--max_new_tokens", "60"], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100).startswith(b"Once upon a time")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == -signal.SIGPIPE and err == "", err  # as cat ends: no traceback
+
+
 def test_a_compiler_that_fails_costs_a_warning_not_the_run(data_dir, tmp_path):
     # no C++ compiler for torch.compile's CPU kernels: compiling fails at the first step
     result = train(data_dir, tmp_path / "out", "--max_steps", "2", "--compile",
@@ -267,10 +301,17 @@ def test_one_folder_one_run_a_second_training_is_refused_while_the_first_runs(da
     try:
         files = snapshot(out)
         result = train(data_dir, out, *(["--resume"] if second == "resume" else []), check=False)
+        # a prepare.py into that folder (careless: --data_dir out) is refused too, naming the run
+        story = write_jsonl(tmp_path / "s.jsonl", generated_stories(5))
+        prepared = cli("prepare.py", "--train_files", story, "--validation_files", story,
+                       "--data_dir", out, check=False)
     finally:
         proc.send_signal(signal.SIGCONT)
+    assert prepared.returncode == 1 and prepared.stderr.endswith(
+        f"prepare.py: error: {out} is in use by a training (process {proc.pid}): wait for it to "
+        "finish, or choose another --data_dir\n"), prepared.stderr
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert f"another training (process {proc.pid}) is running in {out}" in result.stderr
+    assert f"{out} is in use by a training (process {proc.pid}): wait for it" in result.stderr
     assert snapshot(out) == files  # not a row of its own in metrics.jsonl, nor a checkpoint
     proc.send_signal(signal.SIGKILL)  # the first run dies without a word...
     proc.wait()
