@@ -130,7 +130,7 @@ def start_processes(device_name):
     """(rank, world size, device). Under torchrun, one process per GPU, or per CPU worker with
     the gloo backend; rank 0 alone logs, evaluates and saves."""
     device = pick_device(device_name)
-    if hasattr(signal, "SIGPIPE"):  # Python's way back (prepare.handle_signals): a closed pipe is
+    if hasattr(signal, "SIGPIPE"):  # Python's way back (prepare.start_command): a closed pipe is
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # an error, never a death between processes
     if "RANK" not in os.environ:
         return 0, 1, device

@@ -17,9 +17,9 @@ run's state; hf.py moves weights to and from Hugging Face, the reference for eve
 import argparse, codecs, math, os, sys, tempfile, time
 from dataclasses import asdict, dataclass, replace
 
-from prepare import UserError, handle_signals, load_data, load_tokenizer, tokenize_files
+from prepare import UserError, load_data, load_tokenizer, start_command, tokenize_files
 if __name__ == "__main__":  # first: torch takes seconds to load, and Ctrl-C then is one line too
-    handle_signals("gemma.py")
+    start_command("gemma.py")
 import numpy as np
 import torch
 import torch.nn as nn
@@ -446,7 +446,8 @@ def train(c, model_config, ckpt=None):
     accum = c.total_batch_size // tokens_per_micro_step  # micro-steps per optimizer step
     # 2) the data, checked once and thoroughly, so that a bad file fails here and not mid-run
     train_set, val_set, tokenizer = load_data(c, model_config.vocab_size)  # (one dataset's)
-    val_offsets = torch.linspace(0, val_set.size - c.block_size - 1, c.eval_windows).long().unique()
+    windows = min(c.eval_windows, val_set.size - c.block_size)  # those it holds (load_data notes)
+    val_offsets = torch.linspace(0, val_set.size - c.block_size - 1, windows).long().unique()
     # 3) model, optimizers, gradient scaler and batch order; a resumed run restores them all
     torch.manual_seed(c.seed)
     model = Gemma(model_config).to(device)
@@ -592,8 +593,8 @@ class EvalConfig:
 
 def evaluate_files(c):
     """The loss on the stories of c.files, in the model's own tokens, over side-by-side windows."""
-    if min(c.block_size, c.batch_size) <= 0:
-        raise UserError("--block_size and --batch_size must be positive")
+    if not 0 < c.block_size < 2 ** 63 or not 0 < c.batch_size < 2 ** 63:
+        raise UserError("--block_size and --batch_size must be positive (and below 2^63)")
     device = checkpoint.pick_device(c.device)
     model, tokenizer = load_model(c.out_dir, c.init_from)
     c = replace(c, block_size=min(c.block_size, model.config.max_position_embeddings))

@@ -77,12 +77,14 @@ class UserError(Exception):
 
 # ----- What every command shares: one line for Ctrl-C or a full disk, one writer a folder ---------
 
-def handle_signals(program):
-    """From now on Ctrl-C ends `program` in one line with status 130 (128 + SIGINT), as training's
-    own handler does, not with a KeyboardInterrupt traceback; on the way out every `finally` cleans
-    up what it made, and renames that belong together finish first (signals_held). And a reader
-    that goes away (`| head`) ends it quietly, as it ends cat, not with a BrokenPipeError (training
-    undoes this: see checkpoint.start_processes)."""
+def start_command(program):
+    """What every command does alike from its first moment. Ctrl-C ends `program` in one line with
+    status 130 (128 + SIGINT), as training's own handler does, not with a KeyboardInterrupt
+    traceback; on the way out every `finally` cleans up what it made, and renames that belong
+    together finish first (signals_held). A reader that goes away (`| head`) ends it quietly, as it
+    ends cat, not with a BrokenPipeError (training undoes this: see checkpoint.start_processes).
+    And memory that the machine does not have (a model, a batch or a block of absurd size) is one
+    line too: MemoryError, or torch's "can't allocate memory" and OutOfMemoryError."""
     def interrupted(signum, frame):
         print(f"{program}: error: interrupted by Ctrl-C before it finished; nothing is left "
               "half-written: run it again", file=sys.stderr)
@@ -90,6 +92,17 @@ def handle_signals(program):
     signal.signal(signal.SIGINT, interrupted)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    traceback = sys.excepthook
+
+    def out_of_memory(kind, e, tb):
+        if not (isinstance(e, MemoryError) or kind.__name__ == "OutOfMemoryError"
+                or "can't allocate memory" in str(e)):
+            return traceback(kind, e, tb)
+        asked = re.search(r"allocate (\d+) bytes", str(e))
+        asked = f" for {int(asked.group(1)) / 1e9:,.1f} GB" if asked else ""
+        print(f"{program}: error: out of memory{asked}: ask for a smaller model, batch or block "
+              "(a checkpoint already saved is intact)", file=sys.stderr)
+    sys.excepthook = out_of_memory
 
 
 @contextlib.contextmanager
@@ -831,5 +844,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    handle_signals("prepare.py")
+    start_command("prepare.py")
     main()

@@ -333,9 +333,9 @@ def test_resuming_a_finished_run_says_it_is_done(data_dir, tmp_path):
 
 def test_more_validation_windows_than_the_file_holds_are_said(data_dir, tmp_path):
     distinct = len(np.fromfile(data_dir / "validation.bin", np.uint16)) - 64  # block_size 64
-    result = train(data_dir, tmp_path / "out", "--max_steps", "1", "--eval_windows", "100000")
+    result = train(data_dir, tmp_path / "out", "--max_steps", "1", "--eval_windows", str(10 ** 12))
     assert f"holds {distinct:,} distinct windows of 64 tokens" in result.stderr
-    assert "not on --eval_windows 100000" in result.stderr
+    assert f"not on --eval_windows {10 ** 12}" in result.stderr  # (and not 4 TB of offsets)
     result = train(data_dir, tmp_path / "out2", "--max_steps", "1", "--eval_windows", "4")
     assert "note" not in result.stderr  # the control: 4 windows fit
 
@@ -456,6 +456,8 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
     "init_from width in words": (lambda d, o: hugging_face_dir(d, hidden_size="640"),
                                  ["--init_from", "{data}/hf"], "not a whole number"),
     "empty out_dir": (None, ["--out_dir", ""], "--out_dir is empty"),
+    "a model too big for any memory": (None, ["--hidden_size", str(10 ** 8)],
+                                       "out of memory for 20,102.8 GB: ask for a smaller model"),
     "empty data_dir": (None, ["--data_dir", ""], "--data_dir is empty"),
     "resume below the saved step": (lambda d, o: train(d, o, "--max_steps", "2"),
                                     ["--resume", "--max_steps", "1"],
@@ -551,7 +553,9 @@ def test_bad_sampling_input_ends_in_one_line_and_a_long_prompt_is_cropped_with_a
                            (["--files", tmp_path / "empty.txt", "--block_size", "0"],
                             "--block_size and --batch_size must be positive"),
                            (["--files", tmp_path / "empty.txt", "--batch_size", "-1"],
-                            "--block_size and --batch_size must be positive")]:
+                            "--block_size and --batch_size must be positive"),
+                           (["--files", tmp_path / "empty.txt", "--batch_size", str(2 ** 70)],
+                            "below 2^63")]:
         result = cli("gemma.py", "eval", "--out_dir", out, *flags, check=False)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr and "eval.bin" not in result.stderr, result.stderr
