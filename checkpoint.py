@@ -77,6 +77,9 @@ def load(out_dir):
     """out_dir/ckpt.pt as a dict, or a UserError that says what to do."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
+        if os.path.isfile(os.path.join(out_dir, "config.json")):  # an export, or a download
+            raise UserError(f"no checkpoint at {path}: {out_dir} holds a Hugging Face model; pass "
+                            f"it as --init_from {out_dir}")
         raise UserError(f"no checkpoint at {path}: train first (python gemma.py train), "
                         "or pass --out_dir")
     try:  # plain tensors and Python values only: weights_only refuses anything that runs code
@@ -180,6 +183,9 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
         if not args.get(flag, "default").strip():
             raise UserError(f"--{flag} is empty: name a folder")
     out_dir = args.get("out_dir", "out")
+    if os.path.realpath(out_dir) == os.path.realpath(args.get("data_dir", "data")):
+        raise UserError(f"--out_dir and --data_dir are one folder ({out_dir}): a run and a dataset "
+                        "each keep a tokenizer/ there; train into another --out_dir")
     lock_run(out_dir)  # one folder, one run: before its checkpoint is read
     ckpt = load(out_dir) if args.get("resume") else must_be_new(out_dir)  # never overwritten
     if ckpt is not None:

@@ -138,6 +138,9 @@ def as_user_error(path, read, *args):
 
 def read_settings(path):
     if not os.path.exists(os.path.join(path, "config.json")):
+        if os.path.exists(os.path.join(path, "ckpt.pt")):
+            raise FileNotFoundError(f"no config.json in {path}, which holds a run of gemma.py: pass it as --out_dir "
+                                    "(or export it: gemma.py export)")
         raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face Gemma 3 checkpoint directory")
     return gemma_settings(read_json(os.path.join(path, "config.json")))
 

@@ -701,6 +701,9 @@ def prepare(args):
         raise UserError("--data_dir is empty: name the folder to write to (default: data)")
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir} is a file, not a folder: name a folder")
+    if os.path.exists(os.path.join(data_dir, "ckpt.pt")):  # its tokenizer/ would be replaced
+        raise UserError(f"--data_dir {data_dir} holds a training run (ckpt.pt), whose tokenizer a "
+                        "dataset would replace: choose another --data_dir")
     os.environ["RAYON_NUM_THREADS"] = str(args.num_threads)  # the tokenizers library's threads
     enc = gpt2_tokenizer() if args.tokenizer == "gpt2" else hf_tokenizer(args.tokenizer)
     survive_file_size_limits()

@@ -211,7 +211,16 @@ BAD_DATA_DIRS = {  # case: (--data_dir, given tmp_path; what the one line must s
     "a file": (lambda tmp_path: write_file(tmp_path / "data", "a file"), "is a file, not a folder"),
     "empty": (lambda tmp_path: "", "--data_dir is empty"),
     "under a file": (lambda tmp_path: write_file(tmp_path / "data", "a file") / "sub", "cannot write"),
+    "a training run's folder": (lambda tmp_path: run_folder(tmp_path / "out"), "holds a training run (ckpt.pt)"),
 }
+
+
+def run_folder(out):
+    """A training run's folder, as far as prepare.py can tell: a checkpoint, and the tokenizer it keeps."""
+    (out / "tokenizer").mkdir(parents=True)
+    write_file(out / "tokenizer" / "tokenizer.json", "the run's own tokenizer")
+    write_file(out / "ckpt.pt", "a checkpoint")
+    return out
 
 
 @pytest.mark.parametrize("case", BAD_DATA_DIRS)

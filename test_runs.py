@@ -301,15 +301,16 @@ def test_one_folder_one_run_a_second_training_is_refused_while_the_first_runs(da
     try:
         files = snapshot(out)
         result = train(data_dir, out, *(["--resume"] if second == "resume" else []), check=False)
-        # a prepare.py into that folder (careless: --data_dir out) is refused too, naming the run
-        story = write_jsonl(tmp_path / "s.jsonl", generated_stories(5))
-        prepared = cli("prepare.py", "--train_files", story, "--validation_files", story,
+        # a prepare.py into that folder (careless: --data_dir out) is refused too
+        prepared = cli("prepare.py", "--train_files", write_jsonl(tmp_path / "t.jsonl",
+                                                                  generated_stories(5)),
+                       "--validation_files", write_jsonl(tmp_path / "v.jsonl",
+                                                         generated_stories(5, seed=1)),
                        "--data_dir", out, check=False)
     finally:
         proc.send_signal(signal.SIGCONT)
-    assert prepared.returncode == 1 and prepared.stderr.endswith(
-        f"prepare.py: error: {out} is in use by a training (process {proc.pid}): wait for it to "
-        "finish, or choose another --data_dir\n"), prepared.stderr
+    assert prepared.returncode == 1 and prepared.stderr.count("\n") == 1, prepared.stderr
+    assert f"--data_dir {out} holds a training run (ckpt.pt)" in prepared.stderr
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert f"{out} is in use by a training (process {proc.pid}): wait for it" in result.stderr
     assert snapshot(out) == files  # not a row of its own in metrics.jsonl, nor a checkpoint
@@ -459,6 +460,10 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
     "a model too big for any memory": (None, ["--hidden_size", str(10 ** 8)],
                                        "out of memory for 20,102.8 GB: ask for a smaller model"),
     "empty data_dir": (None, ["--data_dir", ""], "--data_dir is empty"),
+    "out_dir is the data_dir": (None, ["--out_dir", "{data}"], "are one folder"),
+    "init_from a run's folder": (lambda d, o: train(d, d / "run", "--max_steps", "1"),
+                                 ["--init_from", "{data}/run"],
+                                 "which holds a run of gemma.py: pass it as --out_dir"),
     "resume below the saved step": (lambda d, o: train(d, o, "--max_steps", "2"),
                                     ["--resume", "--max_steps", "1"],
                                     "is at step 2, beyond --max_steps 1: nothing to do"),
@@ -599,6 +604,9 @@ def test_export_never_mixes_two_models_nor_leaves_a_wreck(data_dir, tmp_path):
     train(data_dir, out, "--max_steps", "1")
     cli("gemma.py", "export", "--out_dir", out, "--hf_dir", hf_dir)
     earlier, run = snapshot(hf_dir), snapshot(out)
+    result = cli("gemma.py", "sample", "--out_dir", hf_dir, check=False)  # the export for the run
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"holds a Hugging Face model; pass it as --init_from {hf_dir}" in result.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "tokenizer.json").write_text("{}")  # another model's file
     for target, message in [(out, "not an export of gemma.py (ckpt.pt, metrics.jsonl)"),
