@@ -188,6 +188,9 @@ def export(model, tokenizer, hf_dir):
         os.makedirs(parent, exist_ok=True)
         clear_leftovers(parent, name)
         work = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
+        umask = os.umask(0o22)  # (read, and put back at once)
+        os.umask(umask)
+        os.chmod(work, 0o777 & ~umask)  # as a folder made by makedirs, not mkdtemp's private 0o700
         lock = FolderLock(work, "an export")  # while it lives, another export's clear_leftovers keeps off
         write_export(model, tokenizer, work, package)
         swap(work, target, lock)

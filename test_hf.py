@@ -291,6 +291,8 @@ def test_export_refuses_another_models_folder_and_replaces_an_earlier_export_wit
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode("Once upon a time") == [7454, 2402, 257, 640]
     assert Gemma.from_pretrained(str(tmp_path / "hf")).config == model.config
     assert sorted(os.listdir(tmp_path)) == ["gemma-3-270m", "hf", "own"]  # no temporary folder left
+    (tmp_path / "made").mkdir()  # and readable as any folder made here is, not private to its maker
+    assert os.stat(tmp_path / "hf").st_mode == os.stat(tmp_path / "made").st_mode
 
     (tmp_path / "hf" / "notes.txt").write_text("the user's")  # an earlier export and something else
     with pytest.raises(UserError, match=r"not an export of gemma.py \(notes.txt\)"):
