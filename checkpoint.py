@@ -340,6 +340,8 @@ def start_metrics(path, step, evaluated):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(path + ".tmp", path)
     except OSError as e:
+        if os.path.exists(path + ".tmp"):  # half-written, on a full disk: not left behind
+            os.remove(path + ".tmp")
         what, fix = why_unwritten(e)
         raise UserError(f"cannot write {path} ({what}): {fix}, or choose another --out_dir") from None
 

@@ -86,18 +86,20 @@ def start_command(program):
     And memory that the machine does not have (a model, a batch or a block of absurd size) is one
     line too: MemoryError, or torch's "can't allocate memory" and OutOfMemoryError."""
     def interrupted(signum, frame):
+        """Ctrl-C: one line, and SystemExit, so that every `finally` on the way out runs."""
         print(f"{program}: error: interrupted by Ctrl-C before it finished; nothing is left "
               "half-written: run it again", file=sys.stderr)
         sys.exit(128 + signum)
     signal.signal(signal.SIGINT, interrupted)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    traceback = sys.excepthook
+    with_traceback = sys.excepthook
 
     def out_of_memory(kind, e, tb):
+        """An uncaught error: one line if it is a want of memory, else the usual traceback."""
         if not (isinstance(e, MemoryError) or kind.__name__ == "OutOfMemoryError"
                 or "can't allocate memory" in str(e)):
-            return traceback(kind, e, tb)
+            return with_traceback(kind, e, tb)
         asked = re.search(r"allocate (\d+) bytes", str(e))
         asked = f" for {int(asked.group(1)) / 1e9:,.1f} GB" if asked else ""
         print(f"{program}: error: out of memory{asked}: ask for a smaller model, batch or block "
