@@ -18,7 +18,7 @@ system lets go of if it is killed, and a second training there is refused in one
 first runs. This module never imports gemma.py.
 """
 import argparse, inspect, json, os, re, signal, sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 import torch
 
@@ -174,8 +174,9 @@ def add_flags(parser, cls, skip=()):
 
 def run_configs(args, GemmaConfig, TrainConfig, presets):
     """A run's settings from the command line's args: the preset's (or --init_from's model), on
-    --resume overridden by the checkpoint's, then by the flags'. -> (TrainConfig, GemmaConfig, the
-    checkpoint to resume or None)."""
+    --resume overridden by the checkpoint's, then by the flags', and a resume checked against the
+    checkpoint (check_resumable, nothing_to_do). -> (TrainConfig, GemmaConfig, the checkpoint to
+    resume or None)."""
     model_flags = {f.name: args.pop(f.name) for f in fields(GemmaConfig) if f.name in args}
     if args.get("preset", "270m") not in presets:
         raise UserError(f"--preset must be one of {', '.join(presets)}, not {args['preset']}")
@@ -198,8 +199,6 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
         c = replace(TrainConfig(), **defaults)
     c = replace(c, **args)
     c.check()
-    if ckpt is not None:
-        nothing_to_do(ckpt["step"], ckpt.get("evaluated"), c)
     if c.init_from and ckpt is None:  # the checkpoint's model, whose weights have their shapes
         try:
             model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))
@@ -212,9 +211,13 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
         if model_flags:
             model_config = replace(model_config, layer_types=None, **model_flags)
         context = model_config.max_position_embeddings if c.init_from else c.block_size
-        return c, replace(model_config, max_position_embeddings=context), ckpt
+        model_config = replace(model_config, max_position_embeddings=context)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if ckpt is not None:  # before any work: a resume that cannot be, or that has nothing to do
+        check_resumable(ckpt, asdict(model_config), asdict(c), out_dir)
+        nothing_to_do(ckpt["step"], ckpt.get("evaluated"), c)
+    return c, model_config, ckpt
 
 
 def nothing_to_do(step, evaluated, c):

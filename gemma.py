@@ -458,7 +458,6 @@ def train(c, model_config, ckpt=None):
     data_rng = torch.Generator().manual_seed(c.seed)  # training's one randomness: which windows
     step, best_val_loss, evaluated = 0, float("inf"), False
     if ckpt is not None:
-        checkpoint.check_resumable(ckpt, asdict(model_config), asdict(c), c.out_dir)
         step, best_val_loss, evaluated = checkpoint.restore(ckpt, model, optimizers, scaler,
                                                             data_rng, device)
     run = dict(model=model, optimizers=optimizers, scaler=scaler, data_rng=data_rng, device=device,
