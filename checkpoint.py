@@ -12,16 +12,18 @@ the checkpoint of a resumed run and the flags.
 
 A checkpoint is written to a temporary file, flushed to disk and renamed over the old one, so a
 crash, a kill or a full disk at any moment leaves the old checkpoint or the new one, whole. It holds
-only tensors and plain values: torch.load(..., weights_only=True) reads it. This module never
-imports gemma.py.
+only tensors and plain values: torch.load(..., weights_only=True) reads it. One folder, one run: a
+training holds out_dir/.lock (rank 0, from before it reads the checkpoint until it exits), which the
+system lets go of if it is killed, and a second training there is refused in one line while the
+first runs. This module never imports gemma.py.
 """
-import argparse, errno, inspect, json, os, re, signal, sys
-from dataclasses import fields, replace
+import argparse, inspect, json, os, re, signal, sys
+from dataclasses import asdict, fields, replace
 
 import torch
 
 import hf  # a Hugging Face checkpoint's settings, for --init_from
-from prepare import UserError  # every module's one error class
+from prepare import FolderLock, UserError, signals_held, survive_file_size_limits, why_unwritten
 
 # fields of the model's configuration that a resumed run may change: they hold no weights
 ARCHITECTURE_FREE = {"max_position_embeddings"}
@@ -30,8 +32,7 @@ ARCHITECTURE_FREE = {"max_position_embeddings"}
 def save(path, state):
     """Write `state` to `path` atomically: a temporary file, flushed to disk, then renamed."""
     tmp = path + ".tmp"
-    if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: fail the write, not the process
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    survive_file_size_limits()  # over a file-size limit: fail the write, not the process
     file = None
     try:
         with open(tmp, "wb") as f:
@@ -44,9 +45,7 @@ def save(path, state):
         if os.path.exists(tmp):
             os.remove(tmp)
         e = file.error if file and file.error else e  # the write's own error, with its errno
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        what = "the disk is full" if full else f"{type(e).__name__}: {e}".splitlines()[0]
-        fix = "free some space" if full else "make it writable"
+        what, fix = why_unwritten(e)
         raise UserError(f"could not write {path} ({what}); the previous checkpoint there is "
                         f"intact: {fix}, then continue with --resume") from None
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
@@ -57,8 +56,8 @@ def save(path, state):
 
 class WriteErrors:
     """A file for torch.save that keeps the OSError of a failed write, which torch.save itself
-    reports only as a RuntimeError about positions: ENOSPC (no space left), EFBIG (over a size
-    limit) and EDQUOT (over a quota) all mean that the disk is full for this run."""
+    reports only as a RuntimeError about positions, so that a full disk can be told (see
+    prepare.why_unwritten)."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -78,6 +77,9 @@ def load(out_dir):
     """out_dir/ckpt.pt as a dict, or a UserError that says what to do."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
+        if os.path.isfile(os.path.join(out_dir, "config.json")):  # an export, or a download
+            raise UserError(f"no checkpoint at {path}: {out_dir} holds a Hugging Face model; pass "
+                            f"it as --init_from {out_dir}")
         raise UserError(f"no checkpoint at {path}: train first (python gemma.py train), "
                         "or pass --out_dir")
     try:  # plain tensors and Python values only: weights_only refuses anything that runs code
@@ -131,6 +133,8 @@ def start_processes(device_name):
     """(rank, world size, device). Under torchrun, one process per GPU, or per CPU worker with
     the gloo backend; rank 0 alone logs, evaluates and saves."""
     device = pick_device(device_name)
+    if hasattr(signal, "SIGPIPE"):  # Python's way back (prepare.start_command): a closed pipe is
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # an error, never a death between processes
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -170,13 +174,21 @@ def add_flags(parser, cls, skip=()):
 
 def run_configs(args, GemmaConfig, TrainConfig, presets):
     """A run's settings from the command line's args: the preset's (or --init_from's model), on
-    --resume overridden by the checkpoint's, then by the flags'. -> (TrainConfig, GemmaConfig, the
-    checkpoint to resume or None)."""
+    --resume overridden by the checkpoint's, then by the flags', and a resume checked against the
+    checkpoint (check_resumable, nothing_to_do). -> (TrainConfig, GemmaConfig, the checkpoint to
+    resume or None)."""
     model_flags = {f.name: args.pop(f.name) for f in fields(GemmaConfig) if f.name in args}
     if args.get("preset", "270m") not in presets:
         raise UserError(f"--preset must be one of {', '.join(presets)}, not {args['preset']}")
-    out_dir = args.get("out_dir", "out")  # a new run never overwrites an old one's checkpoint
-    ckpt = load(out_dir) if args.get("resume") else must_be_new(out_dir)
+    for flag in ("out_dir", "data_dir"):  # "" would be the current folder, by accident
+        if not args.get(flag, "default").strip():
+            raise UserError(f"--{flag} is empty: name a folder")
+    out_dir = args.get("out_dir", "out")
+    if os.path.realpath(out_dir) == os.path.realpath(args.get("data_dir", "data")):
+        raise UserError(f"--out_dir and --data_dir are one folder ({out_dir}): a run and a dataset "
+                        "each keep a tokenizer/ there; train into another --out_dir")
+    lock_run(out_dir)  # one folder, one run: before its checkpoint is read
+    ckpt = load(out_dir) if args.get("resume") else must_be_new(out_dir)  # never overwritten
     if ckpt is not None:
         model_config = GemmaConfig(**ckpt["model_config"])
         c = TrainConfig(**ckpt["train_config"])
@@ -188,16 +200,36 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
     c = replace(c, **args)
     c.check()
     if c.init_from and ckpt is None:  # the checkpoint's model, whose weights have their shapes
-        model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))
+        try:
+            model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))
+        except ValueError as e:  # a shape that cannot make a model, such as an odd head_dim
+            raise UserError(f"--init_from {c.init_from}: its config.json makes no model "
+                            f"({str(e).replace('--', '')})") from None
         if model_flags:
             raise UserError(f"--init_from gives the model: drop --{' --'.join(model_flags)}")
     try:  # a model that cannot be made: GemmaConfig says why
         if model_flags:
             model_config = replace(model_config, layer_types=None, **model_flags)
         context = model_config.max_position_embeddings if c.init_from else c.block_size
-        return c, replace(model_config, max_position_embeddings=context), ckpt
+        model_config = replace(model_config, max_position_embeddings=context)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if ckpt is not None:  # before any work: a resume that cannot be, or that has nothing to do
+        check_resumable(ckpt, asdict(model_config), asdict(c), out_dir)
+        nothing_to_do(ckpt["step"], ckpt.get("evaluated"), c)
+    return c, model_config, ckpt
+
+
+def nothing_to_do(step, evaluated, c):
+    """A resume with no step left says where the run stands instead of nothing: done (its last step
+    evaluated and saved: exit 0), or --max_steps below the saved step (a mistake: refused)."""
+    if step > c.max_steps:
+        raise UserError(f"the run in {c.out_dir} is at step {step}, beyond --max_steps "
+                        f"{c.max_steps}: nothing to do; pass --max_steps above {step} to train on")
+    if step == c.max_steps and evaluated:
+        print(f"the run in {c.out_dir} is done: step {step} of --max_steps {c.max_steps}, "
+              "evaluated and saved; nothing to do (pass a higher --max_steps to train on)")
+        sys.exit(0)
 
 
 def check_resumable(state, model_config, train_config, out_dir):
@@ -251,6 +283,47 @@ def read_metrics(path):
     return rows
 
 
+RUN_LOCKS = {}  # out_dir: the FolderLock this process holds there, until it exits
+
+
+def lock_run(out_dir):
+    """One folder, one run: hold out_dir/.lock (see prepare.FolderLock) from before anything there
+    is read or written until the process exits; a second training there is refused in one line
+    while the first runs. Under torchrun rank 0 alone writes, so it alone holds it. A folder that
+    does not exist yet is locked once start_run has made it."""
+    if os.environ.get("RANK", "0") != "0" or out_dir in RUN_LOCKS or not os.path.isdir(out_dir):
+        return
+    try:
+        RUN_LOCKS[out_dir] = FolderLock(out_dir, "a training", "train into another --out_dir")
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir} ({e.strerror or e}): choose another "
+                        "--out_dir") from None
+
+
+def start_run(c, tokenizer, step, evaluated, master):
+    """The run's folder before training writes there (rank 0: master): made, locked (lock_run:
+    a folder made since run_configs looked is looked at again, locked), with the data's tokenizer
+    for a new run (None: GPT-2's, nothing to keep) and metrics.jsonl (start_metrics). Ctrl-C
+    waits for it. -> the paths of the checkpoint and of metrics.jsonl."""
+    ckpt_path, metrics = (os.path.join(c.out_dir, name) for name in ("ckpt.pt", "metrics.jsonl"))
+    if not master:
+        return ckpt_path, metrics
+    with signals_held():
+        try:
+            os.makedirs(c.out_dir, exist_ok=True)
+            if c.out_dir not in RUN_LOCKS:
+                lock_run(c.out_dir)
+                if not c.resume:  # another run may have made it and saved there meanwhile
+                    must_be_new(c.out_dir)
+            if tokenizer is not None and not c.resume:
+                tokenizer.save(os.path.join(c.out_dir, "tokenizer"))
+        except OSError as e:
+            raise UserError(f"cannot write to {c.out_dir} ({e.strerror or e}): choose another "
+                            "--out_dir") from None
+        start_metrics(metrics, step, evaluated)
+    return ckpt_path, metrics
+
+
 def must_be_new(out_dir):
     """A new run (no --resume) into a folder that holds a checkpoint would overwrite it: refused."""
     path = os.path.join(out_dir, "ckpt.pt")
@@ -272,13 +345,23 @@ def start_metrics(path, step, evaluated):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(path + ".tmp", path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}): choose another --out_dir") from None
+        if os.path.exists(path + ".tmp"):  # half-written, on a full disk: not left behind
+            os.remove(path + ".tmp")
+        what, fix = why_unwritten(e)
+        raise UserError(f"cannot write {path} ({what}): {fix}, or choose another --out_dir") from None
 
 
 def log_metrics(path, step, tokens_per_step, **row):
-    """One JSON line of metrics.jsonl: the step, the tokens seen by then, and what was measured."""
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, **row)) + "\n")
+    """One JSON line of metrics.jsonl: the step, the tokens seen by then, and what was measured. A
+    full disk stops the run in one line (a torn last line is skipped on resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, **row)) + "\n")
+    except OSError as e:
+        what, fix = why_unwritten(e)
+        raise UserError(f"could not write {path} ({what}); the last checkpoint in "
+                        f"{os.path.dirname(path) or '.'} is intact: {fix}, then continue with "
+                        "--resume") from None
 
 
 STOPS = []  # the signals received since stop_on_signals

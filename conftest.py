@@ -1,7 +1,7 @@
 """
 conftest.py: what every test file shares: the CPU pinning, the `slow` marker, one tiny model
 configuration, a random transformers Gemma 3 and a tokenizer built as Gemma's is, one command-line
-helper and one data fixture.
+helper (and one to catch a command at a named pipe it reads) and one data fixture.
 
     python -m pytest                  # everything (what CI runs)
     python -m pytest -m "not slow"    # the quick check: under a minute, no subprocess-heavy tests
@@ -92,6 +92,21 @@ def cli(*args, check=True, env=None, timeout=300):
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+def open_when_read(fifo, proc, timeout=120):
+    """The write end of the named pipe `fifo`, once the process proc has opened it to read: from
+    then on proc waits there (a slow disk, a stream of stories) until it is written to, so that a
+    signal reaches it at that very point of its work, not at a moment that timing picks."""
+    import errno, time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:  # ENXIO: no reader yet
+            assert e.errno == errno.ENXIO and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+    raise TimeoutError
 
 
 def write_jsonl(path, stories):

@@ -24,6 +24,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+from prepare import UserError, load_data, load_tokenizer, start_command
+if __name__ == "__main__":  # first: torch takes seconds to load, and Ctrl-C then is one line too
+    start_command("gemma.py")
 import numpy as np
 import torch
 import torch.nn as nn
@@ -35,7 +38,6 @@ import speedups
 import to_gguf
 from checkpoint import add_flags
 import prepare
-from prepare import UserError, keep_tokenizer, load_tokenizer, load_tokens
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
@@ -308,7 +310,7 @@ def pick_token(logits, temperature, top_k, generator):
     sample from the softmax of logits / temperature, over the top_k likeliest if given."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature  # <= 0: no overflow
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -320,7 +322,7 @@ def get_batch(tokens, offsets, block_size, device, start=()):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
     through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM.
     start: ids put in front of each window (a document's start, Gemma's <bos>): no targets there."""
-    data = np.memmap(tokens.path, dtype=tokens.dtype, mode="r")  # reopened: a kept one leaks
+    data = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
     n = block_size + 1 - len(start)
     rows = np.stack([np.concatenate((start, data[o:o + n])) for o in offsets.tolist()])
     rows = rows.astype(np.int64)
@@ -467,11 +469,8 @@ def train(c, model_config, ckpt=None):
                         f" x block_size x processes = {tokens_per_micro_step}: change one of them")
     accum = c.total_batch_size // tokens_per_micro_step  # micro-steps per optimizer step
     # 2) the data, checked once and thoroughly, so that a bad file fails here and not mid-run
-    keep_tokenizer(c.data_dir, c.out_dir, c.init_from, ckpt is not None, write=master)
-    train_set = load_tokens(c.data_dir, "train", c.block_size, model_config.vocab_size)
-    val_set = load_tokens(c.data_dir, "validation", c.block_size, model_config.vocab_size)
-    tokenizer = load_tokenizer(os.path.join(c.data_dir, "tokenizer"))  # none there: GPT-2's
-    nbytes = torch.from_numpy(prepare.token_bytes(tokenizer))  # for bits per byte
+    train_set, val_set, tokenizer = load_data(c, model_config.vocab_size)  # (one dataset's)
+    nbytes = torch.from_numpy(prepare.token_bytes(tokenizer or prepare.gpt2_tokenizer()))
     val_windows = prepare.validation_windows(val_set, c.block_size, c.eval_windows)
     val_batches = prepare.batches_of(val_windows, c.batch_size, pad=val_set.meta["eot_token"])
     # training windows: where stories are framed with a prefix (Gemma's <bos>), each begins with it
@@ -488,7 +487,6 @@ def train(c, model_config, ckpt=None):
     data_rng = torch.Generator().manual_seed(c.seed)  # training's one randomness: which windows
     step, best_val_loss, evaluated = 0, float("inf"), False
     if ckpt is not None:
-        checkpoint.check_resumable(ckpt, asdict(model_config), asdict(c), c.out_dir)
         step, best_val_loss, evaluated = checkpoint.restore(ckpt, model, optimizers, scaler,
                                                             data_rng, device)
     run = dict(model=model, optimizers=optimizers, scaler=scaler, data_rng=data_rng, device=device,
@@ -499,10 +497,8 @@ def train(c, model_config, ckpt=None):
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
-    metrics = os.path.join(c.out_dir, "metrics.jsonl")
+    ckpt_path, metrics = checkpoint.start_run(c, tokenizer, step if ckpt else 0, evaluated, master)
     if master:
-        checkpoint.start_metrics(metrics, step if ckpt else 0, evaluated)  # makes out_dir too
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {device} "
               f"{str(dtype)[6:]} | {world} process(es) x {accum} micro-steps x {c.batch_size} x "
               f"{c.block_size} tokens" + (f" | resuming at step {step}" if ckpt else ""))
@@ -591,8 +587,9 @@ def load_model(out_dir, init_from=""):
 
 
 def sample(c):
-    if min(c.temperature, c.top_k) < 0 or min(c.max_new_tokens, c.num_samples) <= 0:
-        raise UserError("--temperature, --top_k must be >= 0; --max_new_tokens, --num_samples > 0")
+    if not 0 <= c.temperature < math.inf or c.top_k < 0 or min(c.max_new_tokens, c.num_samples) < 1:
+        raise UserError("--temperature (finite), --top_k must be >= 0; --max_new_tokens, "
+                        "--num_samples > 0")
     device = checkpoint.pick_device(c.device)
     dtype = checkpoint.pick_dtype(c.dtype, device)  # the weights' dtype, for speed
     model, tokenizer = load_model(c.out_dir, c.init_from)
@@ -631,8 +628,8 @@ def evaluate_files(c):
     """The loss on the stories of c.files, in the model's own tokens: each story on its own, from
     the start its tokenizer gives a document (Gemma's <bos>, GPT-2's end-of-text), in windows that
     each begin with that start (prepare.story_windows)."""
-    if min(c.block_size, c.batch_size) <= 0:
-        raise UserError("--block_size and --batch_size must be positive")
+    if not 0 < c.block_size < 2 ** 63 or not 0 < c.batch_size < 2 ** 63:
+        raise UserError("--block_size and --batch_size must be positive (and below 2^63)")
     device = checkpoint.pick_device(c.device)
     model, tokenizer = load_model(c.out_dir, c.init_from)
     documents = prepare.story_documents(c.files, tokenizer)

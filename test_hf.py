@@ -262,3 +262,42 @@ def test_export_checkpoint_writes_the_model_of_a_training_checkpoint(tmp_path):
     assert loaded.config == model.config
     idx = torch.randint(0, 50257, (1, 12))
     assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
+
+
+GPT2_EXPORT = ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
+               "vocab.json"]
+
+
+def test_export_refuses_another_models_folder_and_replaces_an_earlier_export_with_nothing_of_it_left(tmp_path):
+    model = tiny_model(vocab_size=50257)
+    downloaded = tmp_path / "gemma-3-270m"  # what matters of a download of google/gemma-3-270m: its names
+    downloaded.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "special_tokens_map.json",
+                 "tokenizer_config.json", "generation_config.json"):
+        (downloaded / name).write_text(json.dumps({"model_type": "gemma3_text"}) if name == "config.json" else "{}")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in downloaded.iterdir()}
+    with pytest.raises(UserError, match=r"holds files that are not an export of gemma.py \(config.json, "):
+        hf.export(model, gpt2_tokenizer(), downloaded)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in downloaded.iterdir()} == before
+
+    # an export with a model's own tokenizer, then one with GPT-2's over it: nothing of the first is left
+    (tmp_path / "own").mkdir()
+    tiny_gemma_tokenizer().save(str(tmp_path / "own" / "tokenizer.json"))
+    (tmp_path / "own" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    hf.export(tiny_model(vocab_size=103), load_tokenizer(str(tmp_path / "own")), tmp_path / "hf")
+    assert "tokenizer.json" in os.listdir(tmp_path / "hf")
+    hf.export(model, gpt2_tokenizer(), tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == GPT2_EXPORT  # no tokenizer.json of the first
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode("Once upon a time") == [7454, 2402, 257, 640]
+    assert Gemma.from_pretrained(str(tmp_path / "hf")).config == model.config
+    assert sorted(os.listdir(tmp_path)) == ["gemma-3-270m", "hf", "own"]  # no temporary folder left
+    (tmp_path / "made").mkdir()  # and readable as any folder made here is, not private to its maker
+    assert os.stat(tmp_path / "hf").st_mode == os.stat(tmp_path / "made").st_mode
+
+    (tmp_path / "hf" / "notes.txt").write_text("the user's")  # an earlier export and something else
+    with pytest.raises(UserError, match=r"not an export of gemma.py \(notes.txt\)"):
+        hf.export(model, gpt2_tokenizer(), tmp_path / "hf")
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "the user's"
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        hf.export(model, gpt2_tokenizer(), tmp_path / "file")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HERE, cli, generated_stories, write_jsonl
+from conftest import HERE, cli, generated_stories, open_when_read, write_jsonl
 from prepare import gpt2_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -171,6 +171,40 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(data_dir
     assert "resuming at step 1" in result.stdout and "step 3/3" in result.stdout
 
 
+def test_a_full_disk_while_appending_metrics_stops_in_one_line_and_the_run_resumes(data_dir,
+                                                                                   tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1", "--eval_interval", "1")
+    saved, size = (out / "ckpt.pt").read_bytes(), (out / "metrics.jsonl").stat().st_size
+    limit = size + 20  # metrics.jsonl is rewritten as it is, then the next row does not fit
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = start(data_dir, out, "--resume", "--max_steps", "3", "--eval_interval", "1",
+                 preexec_fn=limit_file_size)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"gemma.py: error: could not write {out / 'metrics.jsonl'} (the disk is "
+                          f"full); the last checkpoint in {out} is intact")
+    assert (out / "ckpt.pt").read_bytes() == saved
+    result = train(data_dir, out, "--resume", "--max_steps", "3", "--eval_interval", "1")
+    assert "resuming at step 1" in result.stdout  # the torn row is skipped
+    assert [r["step"] for r in rows(out)] == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_sampling_into_a_pipe_closed_early_ends_quietly(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "1")
+    # `gemma.py sample | head -c 100`: far more stories than a pipe holds, then the reader is gone
+    proc = subprocess.Popen([sys.executable, "gemma.py", "sample", "--out_dir", str(out),
+                             "--num_samples", "1000", "--max_new_tokens", "60"], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100).startswith(b"Once upon a time")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == -signal.SIGPIPE and err == "", err  # as cat ends: no traceback
+
+
 def test_a_compiler_that_fails_costs_a_warning_not_the_run(data_dir, tmp_path):
     # no C++ compiler for torch.compile's CPU kernels: compiling fails at the first step
     result = train(data_dir, tmp_path / "out", "--max_steps", "2", "--compile",
@@ -225,6 +259,118 @@ def test_a_signal_under_torchrun_stops_every_process_at_the_same_step(data_dir, 
     assert f"resuming at step {step}" in result.stdout
 
 
+# ----- Files, folders and processes that collide: nothing lost -------------------------------------
+
+
+def copy_data(data_dir, d):
+    """A copy of the prepared data (its token files and meta.json) in d, for a test to change."""
+    d.mkdir()
+    for name in ("train.bin", "validation.bin", "meta.json"):
+        (d / name).write_bytes((data_dir / name).read_bytes())
+    return d
+
+
+def test_a_training_reads_on_from_the_files_it_checked_when_prepare_py_replaces_them(data_dir,
+                                                                                   tmp_path):
+    d, steps = copy_data(data_dir, tmp_path / "data"), ["--max_steps", "6", "--eval_interval", "3"]
+    train(d, tmp_path / "whole", *steps)
+    before = (d / "train.bin").read_bytes()
+    proc = start(d, tmp_path / "split", *steps)
+    wait_for_step(tmp_path / "split", 2, proc)
+    proc.send_signal(signal.SIGSTOP)  # held still while prepare.py replaces its data, whole
+    try:
+        cli("prepare.py", "--train_files", write_jsonl(tmp_path / "t.jsonl",
+                                                       generated_stories(40, seed=7)),
+            "--validation_files", write_jsonl(tmp_path / "v.jsonl", generated_stories(5, seed=8)),
+            "--data_dir", d)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert (d / "train.bin").read_bytes() != before  # the data did change under it (shorter)...
+    assert rows(tmp_path / "split") == rows(tmp_path / "whole")  # ...and it trained on the old
+
+
+@pytest.mark.parametrize("second", ["new", "resume"])
+def test_one_folder_one_run_a_second_training_is_refused_while_the_first_runs(data_dir, tmp_path,
+                                                                              second):
+    out = tmp_path / "out"
+    proc = start(data_dir, out, "--max_steps", "400", "--eval_interval", "1000")
+    wait_for_step(out, 1, proc)
+    proc.send_signal(signal.SIGSTOP)  # so that out/ holds still while it is compared
+    try:
+        files = snapshot(out)
+        result = train(data_dir, out, *(["--resume"] if second == "resume" else []), check=False)
+        # a prepare.py into that folder (careless: --data_dir out) is refused too
+        prepared = cli("prepare.py", "--train_files", write_jsonl(tmp_path / "t.jsonl",
+                                                                  generated_stories(5)),
+                       "--validation_files", write_jsonl(tmp_path / "v.jsonl",
+                                                         generated_stories(5, seed=1)),
+                       "--data_dir", out, check=False)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert prepared.returncode == 1 and prepared.stderr.count("\n") == 1, prepared.stderr
+    assert f"--data_dir {out} holds a training run (ckpt.pt)" in prepared.stderr
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{out} is in use by a training (process {proc.pid}): wait for it" in result.stderr
+    assert snapshot(out) == files  # not a row of its own in metrics.jsonl, nor a checkpoint
+    proc.send_signal(signal.SIGKILL)  # the first run dies without a word...
+    proc.wait()
+    assert (out / ".lock").exists()  # ...and its lock file stays, but not its lock:
+    step = saved_step(out)
+    result = train(data_dir, out, "--resume", "--max_steps", str(step + 1))
+    assert f"resuming at step {step}" in result.stdout
+    assert not (out / ".lock").exists()  # and the run that took it over removed it
+
+
+def test_resuming_a_finished_run_says_it_is_done(data_dir, tmp_path):
+    out = tmp_path / "out"
+    train(data_dir, out, "--max_steps", "2", "--eval_interval", "2")
+    files = snapshot(out)
+    result = train(data_dir, out, "--resume")
+    assert f"the run in {out} is done: step 2 of --max_steps 2" in result.stdout
+    assert "pass a higher --max_steps" in result.stdout and snapshot(out) == files
+
+
+def test_more_validation_windows_than_the_file_holds_are_said(data_dir, tmp_path):
+    distinct = len(np.fromfile(data_dir / "validation.bin", np.uint16)) - 64  # block_size 64
+    result = train(data_dir, tmp_path / "out", "--max_steps", "1", "--eval_windows", str(10 ** 12))
+    assert f"holds {distinct:,} distinct windows of 64 tokens" in result.stderr
+    assert f"not on --eval_windows {10 ** 12}" in result.stderr  # (and not 4 TB of offsets)
+    result = train(data_dir, tmp_path / "out2", "--max_steps", "1", "--eval_windows", "4")
+    assert "note" not in result.stderr  # the control: 4 windows fit
+
+
+START_UP = {  # command: its flags; each reads out/ckpt.pt, here a named pipe that no one writes to
+    "train --resume": ["train", *TINY, "--resume", "--data_dir", "{data}", "--out_dir", "{out}"],
+    "sample": ["sample", "--out_dir", "{out}"],
+    "export": ["export", "--out_dir", "{out}", "--hf_dir", "{tmp}/hf"],
+    "eval": ["eval", "--out_dir", "{out}", "--files", "{tmp}/stories.jsonl"],
+}
+
+
+@pytest.mark.parametrize("command", START_UP)
+def test_ctrl_c_during_start_up_ends_in_one_line_with_status_130_and_nothing_written(
+        data_dir, tmp_path, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "ckpt.pt")  # read as slowly as a network disk: start-up waits there
+    write_jsonl(tmp_path / "stories.jsonl", generated_stories(5))
+    args = [a.format(data=data_dir, out=out, tmp=tmp_path) for a in START_UP[command]]
+    proc = subprocess.Popen([sys.executable, "gemma.py", *args], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fd = open_when_read(out / "ckpt.pt", proc)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 130, err
+    assert err.startswith("gemma.py: error: interrupted by Ctrl-C") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stories.jsonl"]  # no hf/
+    assert os.listdir(out) == ["ckpt.pt"]  # nor a lock file
+
+
 # ----- Bad input: one line, exit 1, nothing changed ------------------------------------------------
 
 
@@ -233,11 +379,41 @@ def write_tokens(path, tokens):
 
 
 def snapshot(*dirs):
-    return {p: p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file under dirs: its bytes and its modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for d in dirs for p in sorted(d.rglob("*"))
+            if p.is_file()}
 
 
 def make_checkpoint(data, out):
     train(data, out, "--max_steps", "1")
+
+
+def legacy(d):
+    """data_dir as an older prepare.py left it: GPT-2 uint16 token files, no meta.json."""
+    (d / "meta.json").unlink()
+    return d
+
+
+def half_of_train_bin(d):
+    """train.bin cut to half its tokens, at an even byte count: meta.json still counts them all."""
+    data = (d / "train.bin").read_bytes()
+    (d / "train.bin").write_bytes(data[:len(data) // 4 * 2])
+
+
+def another_train_bin(d):
+    """train.bin of other stories, of the very same length: only the fingerprint can tell."""
+    tokens = np.fromfile(d / "train.bin", np.uint16)
+    write_tokens(d / "train.bin", np.roll(tokens, 1000))
+
+
+def hugging_face_dir(d, **changes):
+    """d/hf: an export of a tiny GPT-2-vocabulary Gemma, its config.json changed (None: a list)."""
+    from conftest import tiny_model
+    import hf
+    hf.export(tiny_model(vocab_size=50257), gpt2_tokenizer(), str(d / "hf"))
+    config = json.loads((d / "hf" / "config.json").read_text())
+    config = [] if changes.get("config") == "a list" else {**config, **changes}
+    (d / "hf" / "config.json").write_text(json.dumps(config))
 
 
 BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one line must say)
@@ -245,15 +421,52 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
                           "run `python prepare.py"),
     "odd-sized train.bin": (lambda d, o: (d / "train.bin").write_bytes(b"abc"), [],
                             "not a whole number of uint16 tokens"),
-    "empty validation.bin": (lambda d, o: (d / "validation.bin").write_bytes(b""), [],
+    "empty validation.bin": (lambda d, o: (legacy(d) / "validation.bin").write_bytes(b""), [],
                              "fewer than one block"),
-    "too short validation.bin": (lambda d, o: write_tokens(d / "validation.bin", range(10)), [],
-                                 "fewer than one block"),
+    "too short validation.bin": (lambda d, o: write_tokens(legacy(d) / "validation.bin",
+                                                           range(10)), [], "fewer than one block"),
     "train.bin is a directory": (lambda d, o: ((d / "train.bin").unlink(),
                                                (d / "train.bin").mkdir()), [],
                                  "train.bin: run `python prepare.py"),
-    "tokens beyond the vocabulary": (lambda d, o: write_tokens(d / "train.bin", [1, 60000] * 99),
+    "tokens beyond the vocabulary": (lambda d, o: write_tokens(legacy(d) / "train.bin",
+                                                               [1, 60000] * 99),
                                      [], "beyond the vocabulary of gpt2 that made it"),
+    "train.bin cut to half its tokens": (lambda d, o: half_of_train_bin(d), [],
+                                         "but {data}/meta.json records"),
+    "train.bin cut, without meta.json": (lambda d, o: write_tokens(legacy(d) / "train.bin",
+                                                                   range(10)), [],
+                                         "fewer than one block"),
+    "train.bin of other stories, same length": (lambda d, o: another_train_bin(d), [],
+                                                "is not the file that {data}/meta.json describes"),
+    "validation.bin of another dataset": (
+        lambda d, o: write_tokens(d / "validation.bin", range(300)), [], "run prepare.py again"),
+    "meta.json is a list": (lambda d, o: (d / "meta.json").write_text("[]"), [],
+                            "meta.json is damaged"),
+    "meta.json of another dtype": (lambda d, o: (d / "meta.json").write_text('{"dtype": "int8"}'),
+                                   [], "meta.json is damaged"),
+    "meta.json counting in words": (
+        lambda d, o: (d / "meta.json").write_text('{"train": {"tokens": "many"}}'), [],
+        "meta.json is damaged"),
+    "init_from config.json is a list": (lambda d, o: hugging_face_dir(d, config="a list"),
+                                        ["--init_from", "{data}/hf"], "not an object"),
+    "init_from layer types disagree": (
+        lambda d, o: hugging_face_dir(d, num_hidden_layers=3), ["--init_from", "{data}/hf"],
+        "disagree with its num_hidden_layers"),
+    "init_from head_dim 7": (lambda d, o: hugging_face_dir(d, head_dim=7),
+                             ["--init_from", "{data}/hf"], "head_dim must be even, not 7"),
+    "init_from width in words": (lambda d, o: hugging_face_dir(d, hidden_size="640"),
+                                 ["--init_from", "{data}/hf"], "not a whole number"),
+    "empty out_dir": (None, ["--out_dir", ""], "--out_dir is empty"),
+    "a model too big for any memory": (None, ["--hidden_size", str(10 ** 8)],
+                                       "out of memory for 20,102.8 GB: ask for a smaller model"),
+    "empty data_dir": (None, ["--data_dir", ""], "--data_dir is empty"),
+    "out_dir is the data_dir": (None, ["--out_dir", "{data}"], "are one folder"),
+    "init_from a run's folder": (lambda d, o: train(d, d / "run", "--max_steps", "1"),
+                                 ["--init_from", "{data}/run"],
+                                 "which holds a run of gemma.py: pass it as --out_dir"),
+    "resume below the saved step": (lambda d, o: train(d, o, "--max_steps", "2"),
+                                    ["--resume", "--max_steps", "1"],
+                                    "is at step 2, beyond --max_steps 1: nothing to do"),
     "block size 0": (None, ["--block_size", "0"], "--block_size must be positive"),
     "negative learning rate": (None, ["--lr", "-1"], "--lr must be positive"),
     "learning rate nan": (None, ["--lr", "nan"], "--lr must be positive"),
@@ -296,8 +509,8 @@ def test_bad_training_input_ends_in_one_line_exit_1_and_every_file_unchanged(cas
     d, out = tmp_path / "data", tmp_path / "out"
     d.mkdir()
     out.mkdir()
-    for split in ("train", "validation"):
-        (d / f"{split}.bin").write_bytes((data_dir / f"{split}.bin").read_bytes())
+    for name in ("train.bin", "validation.bin", "meta.json"):
+        (d / name).write_bytes((data_dir / name).read_bytes())
     damage, flags, message = BAD_TRAINING[case]
     if damage:
         damage(d, out)
@@ -305,7 +518,7 @@ def test_bad_training_input_ends_in_one_line_exit_1_and_every_file_unchanged(cas
     result = train(d, out, *[f.format(data=d, out=out) for f in flags], check=False)
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("gemma.py: error:") and result.stderr.count("\n") == 1
-    assert message in result.stderr, result.stderr
+    assert message.format(data=d, out=out) in result.stderr, result.stderr
     assert snapshot(d, out) == files  # nothing written, nothing lost
 
 
@@ -317,12 +530,40 @@ def test_bad_sampling_input_ends_in_one_line_and_a_long_prompt_is_cropped_with_a
     out = tmp_path / "out"
     train(data_dir, out, "--max_steps", "1")
     for flags, message in [(["--temperature", "-1"], "--temperature"),
+                           (["--temperature", "nan"], "--temperature (finite)"),
+                           (["--temperature", "inf"], "--temperature (finite)"),
+                           (["--temperature=-inf"], "--temperature (finite)"),
+                           (["--top_k", "-1"], "--top_k must be >= 0"),
                            (["--num_samples", "0"], "--num_samples"),
+                           (["--max_new_tokens", "-5"], "--max_new_tokens"),
                            (["--device", "cuda"], "--device cuda"),
+                           (["--dtype", "float64"], "--dtype must be"),
                            (["--init_from", tmp_path / "nothing"], "no config.json")]:
         result = cli("gemma.py", "sample", "--out_dir", out, *flags, check=False)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1
+    # a temperature so small that logits / temperature overflow float32: the greedy story
+    greedy = [cli("gemma.py", "sample", "--out_dir", out, "--max_new_tokens", "8",
+                  "--temperature", t).stdout for t in ("0", "1e-30")]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("Once upon a time")
+    # eval: numbers that make no windows, and files with too little text, named as given
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    write_jsonl(tmp_path / "short.jsonl", ["Once upon a time."])
+    for flags, message in [(["--files", tmp_path / "empty.txt"], f"no stories in {tmp_path}"),
+                           (["--files", tmp_path / "blank.txt"], "no stories in"),
+                           (["--files", tmp_path / "short.jsonl"],
+                            f"{tmp_path / 'short.jsonl'}: 1 stories, 5 tokens, fewer than one"),
+                           (["--files", tmp_path], "is a folder"),
+                           (["--files", tmp_path / "empty.txt", "--block_size", "0"],
+                            "--block_size and --batch_size must be positive"),
+                           (["--files", tmp_path / "empty.txt", "--batch_size", "-1"],
+                            "--block_size and --batch_size must be positive"),
+                           (["--files", tmp_path / "empty.txt", "--batch_size", str(2 ** 70)],
+                            "below 2^63")]:
+        result = cli("gemma.py", "eval", "--out_dir", out, *flags, check=False)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr and "eval.bin" not in result.stderr, result.stderr
     long_prompt = "Once upon a time " * 40  # 160 tokens; the context is 64
     result = cli("gemma.py", "sample", "--out_dir", out, "--max_new_tokens", "10", long_prompt)
     assert "10 new tokens after the prompt's last 54" in result.stderr
@@ -356,6 +597,48 @@ def test_export_into_a_directory_that_cannot_be_made_ends_in_one_line(data_dir, 
     assert "could not write" in result.stderr
     result = cli("gemma.py", "export", "--out_dir", tmp_path / "nothing", check=False)
     assert result.returncode == 1 and "no checkpoint" in result.stderr
+
+
+def test_export_never_mixes_two_models_nor_leaves_a_wreck(data_dir, tmp_path):
+    out, hf_dir = tmp_path / "out", tmp_path / "hf"
+    train(data_dir, out, "--max_steps", "1")
+    cli("gemma.py", "export", "--out_dir", out, "--hf_dir", hf_dir)
+    earlier, run = snapshot(hf_dir), snapshot(out)
+    result = cli("gemma.py", "sample", "--out_dir", hf_dir, check=False)  # the export for the run
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"holds a Hugging Face model; pass it as --init_from {hf_dir}" in result.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text("{}")  # another model's file
+    for target, message in [(out, "not an export of gemma.py (ckpt.pt, metrics.jsonl)"),
+                            (tmp_path / "other", "not an export of gemma.py (tokenizer.json)")]:
+        result = cli("gemma.py", "export", "--out_dir", out, "--hf_dir", target, check=False)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr
+    assert snapshot(out) == run and os.listdir(tmp_path / "other") == ["tokenizer.json"]
+
+    def limit_file_size():  # a full disk: model.safetensors (13 MB) cannot be written whole
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+    result = subprocess.run([sys.executable, "gemma.py", "export", "--out_dir", out, "--hf_dir",
+                             hf_dir], cwd=HERE, capture_output=True, text=True,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"could not write {hf_dir} (the disk is full); the earlier export there is intact" in \
+        result.stderr
+    assert snapshot(hf_dir) == earlier
+    assert sorted(os.listdir(tmp_path)) == ["hf", "other", "out"]  # no half-written folder
+
+    # an export killed once its files are written, before it swaps them in
+    kill = ("import os, signal, sys; import hf, gemma; write = hf.write_export\n"
+            "def write_then_die(*args):\n    write(*args)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "hf.write_export = write_then_die\n"
+            "gemma.main(['export', '--out_dir', sys.argv[1], '--hf_dir', sys.argv[2]])")
+    result = cli("-c", kill, out, hf_dir, check=False)
+    assert result.returncode == -signal.SIGKILL and snapshot(hf_dir) == earlier
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.export-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").exists()
+    cli("gemma.py", "export", "--out_dir", out, "--hf_dir", hf_dir)  # the next export clears them
+    assert sorted(os.listdir(tmp_path)) == ["hf", "other", "out"]
+    assert sorted(os.listdir(hf_dir)) == sorted(p.name for p in earlier)
 
 
 def test_the_readme_cpu_quick_start_runs_as_written(tmp_path):
