@@ -2,32 +2,38 @@
 bench.py: how fast gemma.py is, against transformers' Gemma3ForCausalLM with the same weights, side by side in one
 process on the same machine, with the same configuration, batch and dtype.
 
-    python bench.py                              # everything: about 10 minutes on 2 CPU cores (the README's table)
+    python bench.py                              # every section: about 10 minutes on 2 CPU cores
     python bench.py --quick                      # fewer repeats and new tokens: under 2 minutes
     python bench.py --only train,generate        # some sections: train, generate, sliding, decode, loss, prepare
-    python bench.py --out results.json           # the measured numbers as JSON too
-    python bench.py --compile                    # also gemma.py under torch.compile (minutes of compiling on a CPU)
-    python bench.py --profile                    # where a 270m training step's time goes, in both models
-    python bench.py --baseline OLD.py            # this gemma.py against another revision's, in turns
+    python bench.py --out results.json           # the measured numbers as JSON too, with the command and commit
+    python bench.py --compile                    # also gemma.py's training step compiled (minutes on a CPU)
+    python bench.py --device cuda --preset 270m --compile --dtype bfloat16,float16   # on a GPU (runs/gpu.sh)
+    python bench.py --profile                    # instead of timing: where a 270m training step's time goes
     python bench.py --help                       # every option
 
-Sections: 1. a training step (forward + backward; the optimizer's step, the same torch code for both, is left out) in
-tokens/s and model FLOPs utilisation, against the matrix-multiply peak measured in the same run; 2. greedy generation
-of 256 new tokens with the key/value cache (eager, and compiled), without it, and with transformers' generate, whose
-outputs must be equal; 3. a sliding layer's forward + backward time as the sequence
-doubles; 4. prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text; and (loss) the
-peak memory of a training step with Gemma's 262,144-word vocabulary, the chunked loss against the plain one.
+The sections: 1. train: a training step (forward + backward; the optimizer's step, the same torch code for both, is
+left out) in tokens/s and model FLOPs utilisation, against the matrix-multiply peak measured in the same run (and a
+GPU's datasheet peak), with the peak memory on a GPU; 2. generate: greedy generation of 256 new tokens with the
+key/value cache (eager, and compiled), without it, and with transformers' generate, whose outputs must be equal;
+3. sliding: a sliding layer's forward + backward time as the sequence doubles (and FlexAttention's on a GPU);
+4. decode: generation against the limit the memory bandwidth sets, float32 and bfloat16 weights; 5. loss: the peak
+memory of a training step with Gemma's 262,144-word vocabulary, the chunked loss against the plain one; 6. prepare:
+prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text (tinystories/train.jsonl.gz).
 Timings: warm-up runs, then the median of several, taken in turns (gemma.py, transformers, gemma.py, ...) so that
 other processes on the machine slow both alike. The load average is printed: with other work on a 2-core machine,
-two threads wait on each other at every operation, and `--threads 1` gives steadier figures.
+two threads wait on each other at every operation, and `--threads 1` gives steadier figures. The assets the docs
+quote come from runs/bench.sh; this gemma.py against an older revision's is tools/compare_revisions.py.
 """
-import argparse, contextlib, io, json, math, os, platform, statistics, tempfile, time
+import argparse, contextlib, io, json, os, shlex, statistics, sys, tempfile, time
 
 import torch
 
+import devices
+from cli import UserError
 from gemma import PRESETS, Block, Gemma, rotary_embedding
+from tools import record
 
-TINYSTORIES = "/work/shared/data/tinystories/train.jsonl"  # read in place, never copied into the repository
+TINYSTORIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinystories", "train.jsonl.gz")
 TARGETS = dict(train_speedup=1.3, train_mfu=0.5, cache_speedup=5.0, generate_speedup=1.5, sliding_growth=2.3,
                prepare_fraction=0.8, gpu_train_mfu=0.45, gpu_train_speedup=2.0)
 SHAPES = {"270m": (1, 1024), "small": (16, 256)}  # training batch x tokens on a CPU: longer than the window
@@ -56,12 +62,6 @@ def card(device_name):
         if test:
             return key, DATASHEET[key]
     return "unknown", {}
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def synchronize(device):
@@ -314,7 +314,7 @@ def bench_sliding(preset, lengths, reps, device=torch.device("cpu"), dtype=torch
 
 
 # -----------------------------------------------------------------------------
-# 6. Generation against the memory bandwidth: one token reads every weight once
+# 4. Generation against the memory bandwidth: one token reads every weight once
 
 
 def memory_bandwidth(device, megabytes=512, reps=5):
@@ -364,7 +364,7 @@ def bench_decode(preset, new_tokens, reps, device=torch.device("cpu"), dtypes=(t
 
 
 # -----------------------------------------------------------------------------
-# 8. The memory of a training step with Gemma's own vocabulary: the chunked loss against the plain one
+# 5. The memory of a training step with Gemma's own vocabulary: the chunked loss against the plain one
 
 LOSS_VOCAB = 262_144  # Gemma 3's vocabulary (gemma.py trains with GPT-2's 50,257 by default)
 LOSS_SHAPES = {"cpu": (1, 1024), "cuda": (8, 1024)}  # batch x tokens of the loss section
@@ -414,7 +414,7 @@ def bench_loss_memory(device=torch.device("cpu"), dtype="float32", vocab_size=No
     (speedups.linear_cross_entropy) against the plain path's F.cross_entropy (gemma.SPEEDUPS = False, so attention
     is the plain one too, a few MB), side by side: the same weights and batch, each in a fresh process, so that
     nothing one leaves in memory counts for the other (see step_memory)."""
-    import subprocess, sys
+    import subprocess
     vocab_size, (B, T) = vocab_size or LOSS_VOCAB, shape or LOSS_SHAPES[device.type]
     result = dict(vocab_size=vocab_size, batch=B, tokens=T, layers=layers, device=str(device), dtype=dtype,
                   logits_bytes=B * T * vocab_size * 4)  # one float32 copy of the batch's logits
@@ -432,11 +432,13 @@ def bench_loss_memory(device=torch.device("cpu"), dtype="float32", vocab_size=No
 
 
 # -----------------------------------------------------------------------------
-# 4. prepare.py's tokenizer throughput
+# 6. prepare.py's tokenizer throughput
 
 
 def bench_prepare(path, reps):
-    from prepare import gpt2_tokenizer, read_stories, tokenize_stories
+    from dataset import read_stories
+    from prepare import tokenize_stories
+    from tokenizer import gpt2_tokenizer
     enc, threads = gpt2_tokenizer(), os.cpu_count()
     texts = [t for t in read_stories([path]) if t]
     counts = {}
@@ -457,141 +459,6 @@ def bench_prepare(path, reps):
 
 
 # -----------------------------------------------------------------------------
-# 5. Before and after a change: this gemma.py against another revision's, in turns, in one process
-
-
-def load_baseline(path):
-    """Another revision's gemma.py (from `git show REV:gemma.py > FILE`), as a module of its own."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gemma_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def bench_baseline(path, presets, reps, new_tokens):
-    """A training step (forward + backward) and greedy generation with the cache, for this gemma.py
-    and the baseline with the same weights, taken in turns; the outputs must be equal."""
-    baseline, results = load_baseline(path), []
-    for preset in presets:
-        B, T = SHAPES[preset]
-        torch.manual_seed(0)
-        ours = Gemma(PRESETS[preset][0]).train()
-        theirs = baseline.Gemma(baseline.PRESETS[preset][0]).train()
-        theirs.load_state_dict(ours.state_dict())  # the same module names: the same weights
-        x, y = torch.randint(0, ours.config.vocab_size, (2, B, T))
-        with torch.no_grad():
-            same_logits = (ours(x)[0] - theirs(x)[0]).abs().max().item()
-        prompt = x[:1, :16]
-        outputs = {}
-
-        def step(m):
-            def run():
-                m(x, y)[1].backward()
-                m.zero_grad(set_to_none=True)
-            return run
-
-        def generate(name, m):
-            def run():
-                outputs[name] = m.generate(prompt, new_tokens, temperature=0)
-            return run
-        train_times = in_turns({"after": step(ours), "before": step(theirs)}, warmup=1, reps=reps)
-        ours.eval(), theirs.eval()
-        generate_times = in_turns({"after": generate("after", ours), "before": generate("before", theirs)},
-                                  warmup=1, reps=reps)
-        result = dict(preset=preset, batch=B, tokens=T, new_tokens=new_tokens, max_logit_difference=same_logits,
-                      greedy_tokens_equal=torch.equal(outputs["after"], outputs["before"]))
-        for what, times, work in (("train", train_times, B * T), ("generate", generate_times, new_tokens)):
-            for name, t in times.items():
-                result[f"{what} {name}"] = dict(tokens_per_s=work / statistics.median(t), all_seconds=t)
-            result[f"{what} after / before"] = (result[f"{what} after"]["tokens_per_s"]
-                                                / result[f"{what} before"]["tokens_per_s"])
-        results.append(result)
-    return results
-
-
-# -----------------------------------------------------------------------------
-# 7. The acceptance run: everything a user does on a fresh GPU machine, in about ten minutes on one H100
-
-
-def run_rows(out_dir):
-    """metrics.jsonl's rows, without the one figure that differs from run to run (speed)."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
-
-
-def acceptance(device, data_dir, work_dir, preset="270m", steps=200, train_flags=(), bench_args=(), stop_at=None):
-    """1) bench.py's sections on `preset`; 2) training on data_dir for `steps` steps (bfloat16 and compiled on a GPU, by
-    the defaults), the loss falling; 3) the same run interrupted with Ctrl-C at `stop_at` and resumed, compared row for
-    row with the uninterrupted one; 4) a few float16 steps with the gradient scaler; 5) a story sampled from the
-    result. Returns the figures and a pass or a miss for each."""
-    import signal, subprocess, sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    stop_at = stop_at or steps // 2
-    common = ["gemma.py", "train", "--preset", preset, "--data_dir", data_dir, "--device", str(device),
-              "--max_steps", str(steps), "--eval_interval", str(max(1, steps // 4)), *train_flags]
-    result = dict(device=str(device), preset=preset, steps=steps)
-    t0 = time.time()
-    result["bench"] = main(["--device", str(device), "--preset", preset, "--compile", "--quick",
-                            "--only", "train,generate,sliding,decode,loss", *bench_args])
-    result["bench_seconds"] = time.time() - t0
-
-    def train(out, *flags):
-        t = time.time()
-        done = subprocess.run([sys.executable, *common, "--out_dir", out, *flags], cwd=here, capture_output=True,
-                              text=True)
-        return done, time.time() - t
-    whole, split = os.path.join(work_dir, "whole"), os.path.join(work_dir, "split")
-    done, seconds = train(whole)
-    rows = run_rows(whole) if done.returncode == 0 else []
-    val = [r["val_loss"] for r in rows if "val_loss" in r]
-    speed = [json.loads(line)["tokens_per_s"] for line in open(os.path.join(whole, "metrics.jsonl"))
-             if "tokens_per_s" in line][1:] if rows else []  # the first step compiles
-    result["train"] = dict(ok=done.returncode == 0, seconds=seconds, val_loss=val, loss_falling=len(val) > 1 and
-                           val[-1] < val[0], tokens_per_s=statistics.median(speed) if speed else None,
-                           error=done.stderr.strip().splitlines()[-1:] if done.returncode else None)
-    proc = subprocess.Popen([sys.executable, *common, "--out_dir", split], cwd=here, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(split, "metrics.jsonl")
-    while proc.poll() is None and not (os.path.exists(metrics) and f'"step": {stop_at},' in open(metrics).read()):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: the step under way finishes, is saved, and the run stops
-    proc.communicate()
-    resumed, _ = train(split, "--resume")
-    split_rows = run_rows(split) if resumed.returncode == 0 else []
-    losses = [(a.get("train_loss", a.get("val_loss")), b.get("train_loss", b.get("val_loss")))
-              for a, b in zip(rows, split_rows)]
-    result["resume"] = dict(ok=resumed.returncode == 0, interrupted_status=proc.returncode,
-                            bit_for_bit=bool(rows) and rows == split_rows,
-                            max_loss_difference=max((abs(a - b) for a, b in losses), default=None))
-    done, seconds = train(os.path.join(work_dir, "float16"), "--dtype", "float16", "--max_steps", "10",
-                          "--eval_interval", "10")
-    rows16 = run_rows(os.path.join(work_dir, "float16")) if done.returncode == 0 else []
-    result["float16"] = dict(ok=done.returncode == 0, seconds=seconds, finite=all(
-        math.isfinite(r.get("train_loss", r.get("val_loss", 0))) for r in rows16) and bool(rows16))
-    sample = subprocess.run([sys.executable, "gemma.py", "sample", "--out_dir", whole, "--device", str(device),
-                             "--max_new_tokens", "100", "--seed", "1"], cwd=here, capture_output=True, text=True)
-    result["sample"] = dict(ok=sample.returncode == 0, text=sample.stdout.split("-" * 40)[0].strip())
-    result["passed"] = all([result["train"]["ok"], result["train"]["loss_falling"], result["resume"]["bit_for_bit"],
-                            result["float16"]["finite"], result["sample"]["ok"]])
-    result["seconds"] = time.time() - t0
-    return result
-
-
-def report_acceptance(r):
-    t, s, f = r["train"], r["resume"], r["float16"]
-    print(f"acceptance run on {r['device']} ({r['preset']}, {r['steps']} steps): {r['seconds']:.0f} s, "
-          f"{'PASSED' if r['passed'] else 'FAILED'}")
-    print(f"- bench.py sections: {r['bench_seconds']:.0f} s")
-    print(f"- training: {'ok' if t['ok'] else t['error']}; validation loss {' -> '.join(f'{v:.3f}' for v in t['val_loss'])}"
-          f" (falling: {t['loss_falling']}); {t['tokens_per_s'] or 0:,.0f} tokens/s; {t['seconds']:.0f} s")
-    print(f"- Ctrl-C then --resume: exit {s['interrupted_status']}, every row equal to the uninterrupted run's: "
-          f"{s['bit_for_bit']} (largest loss difference {s['max_loss_difference']})")
-    print(f"- float16 with the gradient scaler, 10 steps: {'ok' if f['ok'] else 'failed'}, losses finite: {f['finite']}")
-    print(f"- sample: {r['sample']['text'][:300]!r}")
-
-
-# -----------------------------------------------------------------------------
 # Report
 
 
@@ -601,20 +468,51 @@ def mark(value, target, at_most=False):
 
 
 def machine(device=torch.device("cpu")):
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    """tools/record.py's machine (CPU model, cores, Python, torch, native bfloat16), and what a benchmark also needs:
+    torch's threads, transformers' version, the GPU and its card, and the load average before the run."""
     import transformers
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                transformers=transformers.__version__, python=platform.python_version(), gpu=gpu,
-                card=card(gpu)[0] if gpu else None, cpu_bfloat16=any(f in flags for f in ("avx512_bf16", "amx_bf16")),
+    return dict(record.machine(), torch_threads=torch.get_num_threads(), transformers=transformers.__version__,
+                gpu=gpu, card=card(gpu)[0] if gpu else None,
                 load_average_before=os.getloadavg()[0])  # other processes' work: above 0.5, expect noisier figures
 
 
 def megabytes(n):
     return "" if n is None else f"{n / 2 ** 20:,.0f} MB"
+
+
+def table(header, rows, note=""):
+    """A Markdown table, then a note: the first column and a target column aligned left, the figures right."""
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join("---" if i == 0 or cell == "target" else "---:" for i, cell in enumerate(header)) + " |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\n{note}\n" if note else "")
+
+
+def train_rows(r):
+    """The training section's rows for one preset and dtype: tokens/s, MFU, peak memory, compiled."""
+    g, h = r["gemma.py"], r["transformers"]
+    gpu = r["device"].startswith("cuda")
+    what = f"{r['preset']}, {r['batch']} x {r['tokens']} tokens, {r['dtype']}, {r['device']}"
+    speed_target, mfu_target = (TARGETS["gpu_train_speedup"], TARGETS["gpu_train_mfu"]) if gpu else (
+        TARGETS["train_speedup"], TARGETS["train_mfu"])
+    best = max((r[n] for n in ("gemma.py", "gemma.py compiled") if n in r), key=lambda x: x["tokens_per_s"])
+    rows = [[f"{what}: tokens/s", f"{g['tokens_per_s']:,.0f}", f"{h['tokens_per_s']:,.0f}", f"{r['speedup']:.2f} x",
+             mark(best["tokens_per_s"] / h["tokens_per_s"], speed_target)],
+            [f"{what}: MFU of the measured matmul peak", f"{g['mfu']:.0%}", f"{h['mfu']:.0%}", "",
+             mark(best["mfu"], mfu_target) if r["preset"] == "270m" and not gpu else ""]]
+    if r["datasheet_flops"]:
+        rows.append([f"{what}: MFU of the {r['card']}'s datasheet peak", f"{g['mfu_datasheet']:.0%}",
+                     f"{h['mfu_datasheet']:.0%}", "", mark(best["mfu_datasheet"], mfu_target)
+                     if r["preset"] == "270m" else ""])
+    if g["peak_memory"] is not None:
+        rows.append([f"{what}: peak memory", megabytes(g["peak_memory"]), megabytes(h["peak_memory"]), "", ""])
+    if "gemma.py compiled" in r:
+        c = r["gemma.py compiled"]
+        rows.append([f"{what}: gemma.py compiled, tokens/s (MFU)", f"{c['tokens_per_s']:,.0f} ({c['mfu']:.0%})", "",
+                     f"{c['tokens_per_s'] / h['tokens_per_s']:.2f} x", ""])
+    return rows
 
 
 def report(results):
@@ -624,106 +522,65 @@ def report(results):
           f"{m['load_average_before']:.1f} before, {results['load_average_after']:.1f} after (other processes: 0 on an "
           f"idle machine)\n")
     if "train" in results:
-        print("| training step (forward + backward) | gemma.py | transformers (sdpa) | gemma.py / transformers | target |")
-        print("| --- | ---: | ---: | ---: | --- |")
-        for r in results["train"]:
-            g, h = r["gemma.py"], r["transformers"]
-            gpu = r["device"].startswith("cuda")
-            what = f"{r['preset']}, {r['batch']} x {r['tokens']} tokens, {r['dtype']}, {r['device']}"
-            speed_target, mfu_target = (TARGETS["gpu_train_speedup"], TARGETS["gpu_train_mfu"]) if gpu else (
-                TARGETS["train_speedup"], TARGETS["train_mfu"])
-            best = max((r[n] for n in ("gemma.py", "gemma.py compiled") if n in r), key=lambda x: x["tokens_per_s"])
-            print(f"| {what}: tokens/s | {g['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | "
-                  f"{r['speedup']:.2f} x | {mark(best['tokens_per_s'] / h['tokens_per_s'], speed_target)} |")
-            print(f"| {what}: MFU of the measured matmul peak | {g['mfu']:.0%} | {h['mfu']:.0%} | | "
-                  + (f"{mark(best['mfu'], TARGETS['train_mfu'])} |" if r["preset"] == "270m" and not gpu else "|"))
-            if r["datasheet_flops"]:
-                print(f"| {what}: MFU of the {r['card']}'s datasheet peak | {g['mfu_datasheet']:.0%} | "
-                      f"{h['mfu_datasheet']:.0%} | | " + (f"{mark(best['mfu_datasheet'], mfu_target)} |"
-                                                         if r["preset"] == "270m" else "|"))
-            if g["peak_memory"] is not None:
-                print(f"| {what}: peak memory | {megabytes(g['peak_memory'])} | {megabytes(h['peak_memory'])} | | |")
-            if "gemma.py compiled" in r:
-                c = r["gemma.py compiled"]
-                print(f"| {what}: gemma.py compiled, tokens/s (MFU) | {c['tokens_per_s']:,.0f} ({c['mfu']:.0%}) | | "
-                      f"{c['tokens_per_s'] / h['tokens_per_s']:.2f} x | |")
-        for r in results["train"]:
-            print(f"\n{r['preset']}, {r['dtype']}: {r['flops_per_step'] / 1e9:,.1f} GFLOP a step; measured matmul peak "
-                  f"{r['peak_flops'] / 1e12:,.2f} TFLOP/s" + (f", datasheet {r['datasheet_flops'] / 1e12:,.0f} TFLOP/s "
-                                                             f"({r['card']})" if r["datasheet_flops"] else "")
-                  + f"; logits equal within the dtype's tolerance: {r['logits_equal']} "
-                  f"(relative difference {r['logits_relative_difference']:.1e})", end="")
-        print("\n")
+        notes = [f"{r['preset']}, {r['dtype']}: {r['flops_per_step'] / 1e9:,.1f} GFLOP a step; measured matmul peak "
+                 f"{r['peak_flops'] / 1e12:,.2f} TFLOP/s" + (f", datasheet {r['datasheet_flops'] / 1e12:,.0f} TFLOP/s "
+                                                            f"({r['card']})" if r["datasheet_flops"] else "")
+                 + f"; logits equal within the dtype's tolerance: {r['logits_equal']} "
+                 f"(relative difference {r['logits_relative_difference']:.1e})" for r in results["train"]]
+        table(["training step (forward + backward)", "gemma.py", "transformers (sdpa)", "gemma.py / transformers",
+               "target"], [row for r in results["train"] for row in train_rows(r)], "\n".join(notes))
     for r in results.get("generate", []):
-        print(f"| greedy generation, {r['preset']}, {r['prompt_tokens']} prompt + {r['new_tokens']} new tokens, "
-              f"{r['dtype']} weights, {r['device']} | tokens/s | ratio | target |")
-        print("| --- | ---: | ---: | --- |")
-        print(f"| gemma.py with the cache | {r['gemma.py cache']['tokens_per_s']:.1f} | | |")
-        print(f"| gemma.py without it | {r['gemma.py no cache']['tokens_per_s']:.1f} | cache / no cache "
-              f"{r['cache_speedup']:.1f} x | {mark(r['cache_speedup'], TARGETS['cache_speedup'])} |")
-        print(f"| gemma.py with the cache, compiled (generate(..., compile=True)) | "
-              f"{r['gemma.py cache compiled']['tokens_per_s']:.1f} | | |")
-        print(f"| transformers generate (sdpa, its cache) | {r['transformers']['tokens_per_s']:.1f} | gemma.py / "
-              f"transformers {r['speedup']:.2f} x; compiled {r['compiled_speedup']:.2f} x | "
-              f"{mark(max(r['speedup'], r['compiled_speedup']), TARGETS['generate_speedup'])} |")
+        speed = {name: r[name]["tokens_per_s"] for name in ("gemma.py cache", "gemma.py no cache",
+                                                             "gemma.py cache compiled", "transformers")}
         memory = r["gemma.py cache"]["peak_memory"]
-        print(f"\noutputs equal (all four, {r['new_tokens']} tokens each): {r['outputs_equal']}; compiling took "
+        table([f"greedy generation, {r['preset']}, {r['prompt_tokens']} prompt + {r['new_tokens']} new tokens, "
+               f"{r['dtype']} weights, {r['device']}", "tokens/s", "ratio", "target"],
+              [["gemma.py with the cache", f"{speed['gemma.py cache']:.1f}", "", ""],
+               ["gemma.py without it", f"{speed['gemma.py no cache']:.1f}",
+                f"cache / no cache {r['cache_speedup']:.1f} x", mark(r["cache_speedup"], TARGETS["cache_speedup"])],
+               ["gemma.py with the cache, compiled (generate(..., compile=True))",
+                f"{speed['gemma.py cache compiled']:.1f}", "", ""],
+               ["transformers generate (sdpa, its cache)", f"{speed['transformers']:.1f}",
+                f"gemma.py / transformers {r['speedup']:.2f} x; compiled {r['compiled_speedup']:.2f} x",
+                mark(max(r["speedup"], r["compiled_speedup"]), TARGETS["generate_speedup"])]],
+              f"outputs equal (all four, {r['new_tokens']} tokens each): {r['outputs_equal']}; compiling took "
               f"{r['compile_seconds']:.0f} s, once, before the timed runs"
               + (f"; peak memory gemma.py {megabytes(memory)}, transformers "
-                 f"{megabytes(r['transformers']['peak_memory'])}" if memory is not None else "") + "\n")
-    if "sliding" in results:
-        r = results["sliding"]
-        for kernel in ("blocked", "flex"):
-            if kernel not in r:
-                continue
-            print(f"| a sliding layer ({r['preset']}, window {r['window']}, {r['device']}), forward + backward, "
-                  f"{kernel} | seconds | ms per 1k tokens | growth from T / 2 | target |")
-            print("| --- | ---: | ---: | ---: | --- |")
+                 f"{megabytes(r['transformers']['peak_memory'])}" if memory is not None else ""))
+    r = results.get("sliding", {})
+    for kernel in ("blocked", "flex"):
+        if kernel in r:
             seconds, growths = r[kernel]["seconds"], r[kernel]["growth"]
-            for T, s in seconds.items():
-                growth = growths.get(T)
-                target = mark(growth, TARGETS["sliding_growth"], at_most=True) if T == max(seconds) else ""
-                print(f"| T = {T} | {s:.3f} | {s / T * 1e6:.1f} | {f'{growth:.2f} x' if growth else ''} | {target} |")
-            print()
+            table([f"a sliding layer ({r['preset']}, window {r['window']}, {r['device']}), forward + backward, "
+                   f"{kernel}", "seconds", "ms per 1k tokens", "growth from T / 2", "target"],
+                  [[f"T = {T}", f"{s:.3f}", f"{s / T * 1e6:.1f}", f"{growths[T]:.2f} x" if T in growths else "",
+                    mark(growths[T], TARGETS["sliding_growth"], at_most=True) if T == max(seconds) else ""]
+                   for T, s in seconds.items()])
     if "decode" in results:
         r = results["decode"]
-        print(f"| greedy generation against the memory bandwidth ({r['preset']}, {r['device']}, "
-              f"{r['bandwidth'] / 1e9:,.1f} GB/s measured) | weights | tokens/s | fraction of the limit |")
-        print("| --- | ---: | ---: | ---: |")
-        for name, x in r["runs"].items():
-            print(f"| {name} | {megabytes(x['weight_bytes'])} | {x['tokens_per_s']:.1f} | "
-                  f"{x['fraction_of_bandwidth']:.0%} |")
-        print(f"\nbfloat16 weights / float32 weights, best of eager and compiled: {r['bfloat16_speedup']:.2f} x\n")
-    for r in results.get("baseline", []):
-        print(f"| {r['preset']}, before and after (tokens/s, median of {len(r['train after']['all_seconds'])}) "
-              f"| before | after | after / before |")
-        print("| --- | ---: | ---: | ---: |")
-        for what, label in (("train", f"training step, {r['batch']} x {r['tokens']} tokens"),
-                            ("generate", f"greedy generation with the cache, {r['new_tokens']} new tokens")):
-            print(f"| {label} | {r[what + ' before']['tokens_per_s']:,.1f} | {r[what + ' after']['tokens_per_s']:,.1f} "
-                  f"| {r[what + ' after / before']:.2f} x |")
-        print(f"\nmax |logits difference| {r['max_logit_difference']:.1e}; greedy tokens equal: "
-              f"{r['greedy_tokens_equal']}\n")
+        table([f"greedy generation against the memory bandwidth ({r['preset']}, {r['device']}, "
+               f"{r['bandwidth'] / 1e9:,.1f} GB/s measured)", "weights", "tokens/s", "fraction of the limit"],
+              [[name, megabytes(x["weight_bytes"]), f"{x['tokens_per_s']:.1f}", f"{x['fraction_of_bandwidth']:.0%}"]
+               for name, x in r["runs"].items()],
+              f"bfloat16 weights / float32 weights, best of eager and compiled: {r['bfloat16_speedup']:.2f} x")
     if "loss" in results:
         r = results["loss"]
-        print(f"| one training step, {r['vocab_size']:,}-word vocabulary, 270m's width, {r['layers']} layers, "
-              f"{r['batch']} x {r['tokens']} tokens, {r['dtype']}, {r['device']} | peak memory | loss | seconds |")
-        print("| --- | ---: | ---: | ---: |")
-        for name, label in (("plain", "plain F.cross_entropy (gemma.SPEEDUPS = False)"),
-                            ("chunked", "chunked (speedups.linear_cross_entropy)")):
-            print(f"| {label} | {megabytes(r[name]['peak_memory'])} | {r[name]['loss']:.4f} | "
-                  f"{r[name]['seconds']:.2f} |")
-        print(f"\nplain / chunked: {r['ratio']:.1f} x the peak; one float32 copy of the batch's logits is "
-              f"{megabytes(r['logits_bytes'])}; the losses differ by {r['loss_difference']:.1e}\n")
+        table([f"one training step, {r['vocab_size']:,}-word vocabulary, 270m's width, {r['layers']} layers, "
+               f"{r['batch']} x {r['tokens']} tokens, {r['dtype']}, {r['device']}", "peak memory", "loss", "seconds"],
+              [[label, megabytes(r[name]["peak_memory"]), f"{r[name]['loss']:.4f}", f"{r[name]['seconds']:.2f}"]
+               for name, label in (("plain", "plain F.cross_entropy (gemma.SPEEDUPS = False)"),
+                                   ("chunked", "chunked (speedups.linear_cross_entropy)"))],
+              f"plain / chunked: {r['ratio']:.1f} x the peak; one float32 copy of the batch's logits is "
+              f"{megabytes(r['logits_bytes'])}; the losses differ by {r['loss_difference']:.1e}")
     if "prepare" in results:
         r = results["prepare"]
-        print(f"| tokenizing {os.path.basename(r['file'])} ({r['megabytes']:.1f} MB, {r['stories']:,} stories, "
-              f"{r['tokens']:,} tokens, {r['threads']} threads) | tokens/s | ratio | target |")
-        print("| --- | ---: | ---: | --- |")
-        print(f"| prepare.py (read, tokenize, write) | {r['prepare.py']['tokens_per_s']:,.0f} | "
-              f"{r['fraction']:.0%} of tiktoken | {mark(r['fraction'], TARGETS['prepare_fraction'])} |")
-        print(f"| tiktoken encode_ordinary_batch alone (the ceiling) | {r['tiktoken']['tokens_per_s']:,.0f} | | |")
-        print(f"\nsame tokens: {r['same_tokens']}\n")
+        table([f"tokenizing {os.path.basename(r['file'])} ({r['megabytes']:.1f} MB, {r['stories']:,} stories, "
+               f"{r['tokens']:,} tokens, {r['threads']} threads)", "tokens/s", "ratio", "target"],
+              [["prepare.py (read, tokenize, write)", f"{r['prepare.py']['tokens_per_s']:,.0f}",
+                f"{r['fraction']:.0%} of tiktoken", mark(r["fraction"], TARGETS["prepare_fraction"])],
+               ["tiktoken encode_ordinary_batch alone (the ceiling)", f"{r['tiktoken']['tokens_per_s']:,.0f}", "",
+                ""]],
+              f"same tokens: {r['same_tokens']}")
 
 
 SECTIONS = ("train", "generate", "sliding", "decode", "loss", "prepare")
@@ -732,53 +589,40 @@ SECTIONS = ("train", "generate", "sliding", "decode", "loss", "prepare")
 def main(argv=None):
     parser = argparse.ArgumentParser(description="gemma.py against transformers, side by side.", allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and new tokens: a short run")
-    parser.add_argument("--only", default="train,generate,sliding,decode,loss,prepare",
+    parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     parser.add_argument("--out", help="also write the measured numbers to this JSON file")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda where there is one)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (CUDA, then MPS, then the "
+                        "CPU) (default: cpu)")
     parser.add_argument("--preset", choices=list(PRESETS), help="train and generate with this preset only, and slide "
                         "with it (default: train and generate with both; slide with 270m)")
     parser.add_argument("--dtype", help="comma-separated training dtypes (autocast): float32, bfloat16, float16 "
                         "(default: float32 on a CPU; bfloat16,float16 on a GPU); generation uses the first")
     parser.add_argument("--compile", action="store_true", help="also time gemma.py's training step compiled")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--data", default=TINYSTORIES, help="the JSON-lines stories prepare.py is timed on")
-    parser.add_argument("--baseline", metavar="FILE", help="instead: this gemma.py against FILE, another revision's "
-                        "(git show REV:gemma.py > FILE), training steps and generation in turns")
-    parser.add_argument("--acceptance", metavar="DATA_DIR", help="instead: the acceptance run on DATA_DIR (prepare.py's "
-                        "files): bench.py, training, Ctrl-C and --resume, float16, sampling (bash experiments.sh gpu)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps of the acceptance run (default 200)")
+    parser.add_argument("--data", default=TINYSTORIES, help="the stories prepare.py is timed on (default: the "
+                        "excerpt's tinystories/train.jsonl.gz)")
     parser.add_argument("--profile", action="store_true", help="instead of timing: where a training step's time goes "
                         "(torch.profiler), for both models, on --preset (default 270m)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.profile:
         return profile_train(args.preset or "270m")
-    if args.acceptance:
-        with tempfile.TemporaryDirectory() as work_dir:
-            result = acceptance(pick_device(args.device), args.acceptance, work_dir, args.preset or "270m", args.steps)
-        report_acceptance(result)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2, default=str)
-        return result
     sections = args.only.split(",")
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
-    device = pick_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: PyTorch sees no CUDA GPU here")
+    try:
+        device = devices.pick_device(args.device)
+    except UserError as e:
+        parser.error(str(e))
     dtypes = (args.dtype or ("bfloat16,float16" if device.type == "cuda" else "float32")).split(",")
     if unknown := set(dtypes) - set(DTOLERANCE):
         parser.error(f"unknown dtype(s) in --dtype: {', '.join(sorted(unknown))}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = dict(machine=machine(device))
+    results = dict(command=shlex.join(["python", "bench.py", *argv]), **record.commit(), machine=machine(device))
     t0 = time.time()
     presets = [args.preset] if args.preset else ["270m", "small"]
-    if args.baseline:
-        sections = []
-        results["baseline"] = bench_baseline(args.baseline, presets, reps=2 if args.quick else 6,
-                                             new_tokens=16 if args.quick else 64)
     if "train" in sections:
         results["train"] = [bench_train(p, args, getattr(torch, d), device) for p in presets for d in dtypes]
     if "generate" in sections:

@@ -1,17 +1,17 @@
 """
-test_bench.py: bench.py's logic, on tiny configurations, in seconds, with no timing assertions.
+test_bench.py: bench.py's logic, on tiny configurations, in seconds, with no timing assertions. The
+scripts and tools around it (runs/gpu.sh, tools/compare_revisions.py) are tested in
+test_runs_scripts.py.
 
     python -m pytest test_bench.py
 """
-import json, statistics
-
-import torch
+import gzip, json, os, statistics, subprocess
 
 import pytest
 
 import bench
 from gemma import PRESETS
-from conftest import tiny_config
+from conftest import HERE, tiny_config, generated_stories
 
 
 def test_flops_per_token_counts_matmul_weights_six_times_and_attention_over_the_keys_each_query_sees():
@@ -64,24 +64,6 @@ def test_profile_finds_the_same_matrix_multiplies_in_both_models(monkeypatch, ca
     assert "transformers, tiny, 2 x 12 tokens: aten::mm and addmm" in out
 
 
-def test_before_and_after_compares_two_revisions_with_the_same_weights(tmp_path, monkeypatch):
-    import dataclasses, gemma
-    (tmp_path / "gemma_before.py").write_text(open(gemma.__file__).read())  # this very revision, as a baseline
-    baseline = bench.load_baseline(str(tmp_path / "gemma_before.py"))
-    assert baseline.Gemma is not gemma.Gemma  # a module of its own
-    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
-    monkeypatch.setitem(baseline.PRESETS, "tiny", (baseline.GemmaConfig(**dataclasses.asdict(tiny_config())), {}))
-    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))
-    monkeypatch.setattr(bench, "load_baseline", lambda path: baseline)
-    out = tmp_path / "results.json"
-    bench.main(["--quick", "--baseline", "unused", "--preset", "tiny", "--out", str(out)])
-    [r] = json.loads(out.read_text())["baseline"]
-    assert r["greedy_tokens_equal"] is True and r["max_logit_difference"] == 0.0
-    for what in ("train", "generate"):
-        ratio = r[f"{what} after"]["tokens_per_s"] / r[f"{what} before"]["tokens_per_s"]
-        assert r[f"{what} after / before"] == pytest.approx(ratio)
-
-
 @pytest.mark.parametrize("name,expected", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200"),
     ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA L4", "L4"), ("Tesla T4", "T4"), ("NVIDIA GeForce RTX 4090", "RTX 4090"),
@@ -98,9 +80,10 @@ def test_training_section_runs_each_dtype_and_reports_consistent_figures(dtype, 
     monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
     monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))
     out = tmp_path / "results.json"
-    bench.main(["--quick", "--only", "train", "--preset", "tiny", "--dtype", dtype, "--device", "cpu",
-                "--out", str(out)])
-    [r] = json.loads(out.read_text())["train"]
+    argv = ["--quick", "--only", "train", "--preset", "tiny", "--dtype", dtype, "--device", "cpu", "--out", str(out)]
+    bench.main(argv)
+    results = json.loads(out.read_text())
+    [r] = results["train"]
     assert r["dtype"] == dtype and r["logits_equal"] is True  # within the dtype's tolerance
     for name in ("gemma.py", "transformers"):
         x = r[name]
@@ -108,6 +91,10 @@ def test_training_section_runs_each_dtype_and_reports_consistent_figures(dtype, 
         assert x["mfu"] == pytest.approx(r["flops_per_step"] / x["seconds"] / r["peak_flops"])
         assert x["peak_memory"] is None  # no allocator count on a CPU
     assert r["datasheet_flops"] is None and r["card"] == "cpu"
+    # what made the figures: the command line, the commit, the machine (tools/record.py's, and more)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    assert results["command"] == "python bench.py " + " ".join(argv) and results["commit"] == head
+    assert {"cpu", "cores", "cpu_bfloat16", "torch_threads", "transformers", "gpu"} <= set(results["machine"])
 
 
 @pytest.mark.slow
@@ -139,16 +126,29 @@ def test_loss_section_runs_both_paths_in_fresh_processes_and_reports_consistent_
     assert r["plain"]["peak_memory"] >= r["logits_bytes"]  # the plain path holds the logits at least once
 
 
-@pytest.mark.slow
-def test_acceptance_run_trains_resumes_bit_for_bit_runs_float16_and_samples(data_dir, monkeypatch, tmp_path):
-    monkeypatch.setitem(PRESETS, "tiny", (tiny_config(), {}))
-    monkeypatch.setitem(bench.SHAPES, "tiny", (2, 12))
-    tiny = ["--block_size", "64", "--batch_size", "4", "--total_batch_size", "512", "--eval_windows", "4",
-            "--warmup_steps", "2", "--log_interval", "1", "--hidden_size", "64", "--intermediate_size", "128",
-            "--head_dim", "16", "--sliding_window", "16"]
-    r = bench.acceptance(torch.device("cpu"), str(data_dir), str(tmp_path), preset="small", steps=8,
-                         train_flags=tiny, bench_args=["--preset", "tiny", "--only", "train,decode"], stop_at=3)
-    assert r["train"]["ok"] and r["train"]["loss_falling"] and len(r["train"]["val_loss"]) == 5
-    assert r["resume"]["interrupted_status"] == 130 and r["resume"]["bit_for_bit"] is True
-    assert r["float16"]["finite"] and r["sample"]["ok"] and r["passed"] is True
-    assert r["bench"]["train"][0]["preset"] == "tiny"
+def test_every_table_has_as_many_cells_in_each_row_as_in_its_header(capsys):
+    bench.table(["what", "seconds", "ratio", "target"], [["a", "1.0", "", ">= 2 MISS"], ["b", "2.0", "2.0 x", ""]],
+                "a note")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == ["| what | seconds | ratio | target |", "| --- | ---: | ---: | --- |",
+                         "| a | 1.0 |  | >= 2 MISS |", "| b | 2.0 | 2.0 x |  |"]
+    assert lines[4:] == ["", "a note", ""]
+
+
+def test_a_device_this_machine_lacks_is_one_line_from_the_projects_device_chooser(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cuda", "--only", "train"])  # the tests see no GPU (conftest.py)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--device cuda: " in err and "has no such device" in err
+
+
+def test_the_prepare_section_reads_the_excerpt_shipped_in_the_repository_by_default(tmp_path, capsys):
+    assert bench.TINYSTORIES == os.path.join(HERE, "tinystories", "train.jsonl.gz")
+    assert os.path.exists(bench.TINYSTORIES)
+    stories = tmp_path / "stories.jsonl.gz"  # the same format, smaller
+    with gzip.open(stories, "wt") as f:
+        f.writelines(json.dumps({"text": s}) + "\n" for s in generated_stories(50))
+    r = bench.main(["--quick", "--only", "prepare", "--data", str(stories)])["prepare"]
+    assert r["stories"] == 50 and r["same_tokens"] is True  # prepare.py's tokens are tiktoken's
+    assert r["fraction"] == pytest.approx(r["prepare.py"]["tokens_per_s"] / r["tiktoken"]["tokens_per_s"])
+    assert "| prepare.py (read, tokenize, write) |" in capsys.readouterr().out
