@@ -2,13 +2,13 @@
 checkpoint.py: the state of a training run, so that it can stop at any moment and go on as if it
 had not: weights, optimizers, gradient scaler, every random-number generator, the position in the
 stream of batches, and the metrics logged so far; and what a machine does to a run: a signal to
-stop, a full disk, a device it lacks.
+stop, a full disk, a second run in its folder.
 
     python gemma.py train --resume      # continue from out/ckpt.pt, exactly where it stopped
     python -m pytest test_runs.py       # kills, resumes, bad input (slow: subprocesses)
 
-It also turns the command line into a run's settings (add_flags, run_configs), merging a preset,
-the checkpoint of a resumed run and the flags.
+It also turns the command line into a run's settings (run_configs), merging a preset, the
+checkpoint of a resumed run and the flags.
 
 A checkpoint is written to a temporary file, flushed to disk and renamed over the old one, so a
 crash, a kill or a full disk at any moment leaves the old checkpoint or the new one, whole. It holds
@@ -17,13 +17,14 @@ training holds out_dir/.lock (rank 0, from before it reads the checkpoint until 
 system lets go of if it is killed, and a second training there is refused in one line while the
 first runs. This module never imports gemma.py.
 """
-import argparse, inspect, json, os, re, signal, sys
+import json, os, signal, sys
 from dataclasses import asdict, fields, replace
 
 import torch
 
 import hf  # a Hugging Face checkpoint's settings, for --init_from
-from prepare import FolderLock, UserError, signals_held, survive_file_size_limits, why_unwritten
+from cli import UserError
+from files import FolderLock, signals_held, survive_file_size_limits, why_unwritten
 
 # fields of the model's configuration that a resumed run may change: they hold no weights
 ARCHITECTURE_FREE = {"max_position_embeddings"}
@@ -92,58 +93,6 @@ def load(out_dir):
     return state
 
 
-def pick_device(name):
-    """auto: CUDA, then Apple's MPS, then the CPU; a device this machine lacks is a UserError."""
-    count = dict(cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()), cpu=1)
-    if name == "auto":
-        name = next(kind for kind, n in count.items() if n)
-    kind, _, index = name.partition(":")
-    if kind not in count or index and not (kind == "cuda" and index.isdigit()):
-        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name}")
-    if int(index or 0) >= count[kind]:
-        raise UserError(f"--device {name}: this machine has no such device; use --device cpu "
-                        "(or auto)")
-    return torch.device(name)
-
-
-def cpu_has_bfloat16():
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), not by conversion."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def pick_dtype(name, device):
-    """The dtype a run trains in (under autocast) or a model generates in (its weights). auto:
-    bfloat16 wherever the device multiplies it natively: GPUs that have it, and CPUs with
-    AVX512-BF16 or AMX, where the small preset's step runs 1.5x faster than in float32 and a 270m
-    token decodes 2.1x faster eager, 2.4x compiled (bench.py, an AMD EPYC with AVX512-BF16);
-    float16 (with a gradient scaler) on GPUs without it, such as a T4, and on Apple silicon; float32
-    on other CPUs, which would convert bfloat16 at every multiply."""
-    if name == "auto" and device.type == "cuda":
-        name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    elif name == "auto" and device.type == "cpu" and cpu_has_bfloat16():
-        name = "bfloat16"
-    elif name == "auto":
-        name = "float16" if device.type == "mps" else "float32"
-    if name not in ("bfloat16", "float16", "float32"):
-        raise UserError(f"--dtype must be auto, bfloat16, float16 or float32, not {name}")
-    return getattr(torch, name)
-
-
-def start_processes(device_name):
-    """(rank, world size, device). Under torchrun, one process per GPU, or per CPU worker with
-    the gloo backend; rank 0 alone logs, evaluates and saves."""
-    device = pick_device(device_name)
-    if hasattr(signal, "SIGPIPE"):  # Python's way back (prepare.start_command): a closed pipe is
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # an error, never a death between processes
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
-
-
 def rng_states(data_rng, device):
     """Every random-number generator a run draws from."""
     return dict(torch=torch.get_rng_state(), data=data_rng.get_state(),
@@ -154,22 +103,9 @@ def rng_states(data_rng, device):
 def capture(model, optimizers, scaler, data_rng, device, step, best_val_loss, evaluated, configs):
     """Everything a run needs to go on: `evaluated` says that this step's evaluation is done and
     logged, so that a resumed run does not repeat it. configs: plain dicts of the two settings."""
-    return dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+    return dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers.values()],
                 scaler=scaler.state_dict(), step=step, best_val_loss=best_val_loss,
                 evaluated=evaluated, rng=rng_states(data_rng, device), **configs)
-
-
-def add_flags(parser, cls, skip=()):
-    """Each field of the dataclass cls as a --flag, its comment as its --help. A tuple field takes
-    one value or more, and is required."""
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    for f in (f for f in fields(cls) if f.name not in skip):
-        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
-        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
-        if kind is tuple:
-            how = dict(nargs="+", required=True, metavar=f.name[:-1].upper())
-        help = f"{comments.get(f.name, '')} (default: {f.default})"
-        parser.add_argument(f"--{f.name}", help=help, **how)
 
 
 def run_configs(args, GemmaConfig, TrainConfig, presets):
@@ -253,7 +189,7 @@ def check_resumable(state, model_config, train_config, out_dir):
 def restore(state, model, optimizers, scaler, data_rng, device):
     """Load a captured state into a new run's objects; returns (step, best_val_loss, evaluated)."""
     model.load_state_dict(state["model"])
-    for opt, saved in zip(optimizers, state["optimizers"]):
+    for opt, saved in zip(optimizers.values(), state["optimizers"]):  # in make_optimizers' order
         opt.load_state_dict(saved)
     # a float16 run resumed from a float32 or bfloat16 one starts a fresh gradient scaler; the
     # other way round the scaler is off and its saved state is not needed

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from prepare import UserError, load_data, load_tokenizer, start_command
+from cli import UserError, add_flags, start_command
 if __name__ == "__main__":  # first: torch takes seconds to load, and Ctrl-C then is one line too
     start_command("gemma.py")
 import numpy as np
@@ -33,16 +33,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import dataset
+import devices
 import hf
+import presets
 import speedups
 import to_gguf
-from checkpoint import add_flags
-import prepare
+from tokenizer import describe, gpt2_tokenizer, load_tokenizer, token_bytes
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
 
 # ----- Configuration ------------------------------------------------------------------------------
+def layer_pattern(num_layers, every=6):
+    """Gemma 3's pattern: every - 1 sliding layers, then a full one, repeated (18 layers: full at
+    5, 11 and 17). A sliding layer sees the last sliding_window keys; a full one, the whole past."""
+    return tuple("full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                 for i in range(num_layers))
+
+
 @dataclass
 class GemmaConfig:
     vocab_size: int = 50257                 # GPT-2 BPE (Gemma's own vocabulary is 262,144)
@@ -54,7 +63,7 @@ class GemmaConfig:
     head_dim: int = 256                     # not hidden_size / heads (160): q_proj is 640 -> 1024
     sliding_window: int = 512               # sliding layer: query i sees j when 0 <= i - j < 512
     sliding_window_pattern: int = 6         # every 6th layer (5, 11, 17) sees the whole past
-    layer_types: tuple | None = None        # per layer "sliding_attention" or "full_attention"
+    layer_types: tuple | None = None        # per layer; None: layer_pattern's
     rope_theta: float = 1_000_000.0         # rotary base of the full layers (long range)
     rope_local_base_freq: float = 10_000.0  # rotary base of the sliding layers (short range)
     query_pre_attn_scalar: float = 256.0    # attention scores are scaled by 256 ** -0.5
@@ -65,26 +74,20 @@ class GemmaConfig:
         for name, value in asdict(self).items():
             if isinstance(value, (int, float)) and not value > 0:
                 raise ValueError(f"--{name} must be positive, not {value}")
-        if self.layer_types is None:  # sliding, ..., sliding, full, repeated
-            self.layer_types = ["full_attention" if (i + 1) % self.sliding_window_pattern == 0
-                                else "sliding_attention" for i in range(self.num_hidden_layers)]
+        if self.layer_types is None:
+            self.layer_types = layer_pattern(self.num_hidden_layers, self.sliding_window_pattern)
         self.layer_types = tuple(self.layer_types)
-        assert len(self.layer_types) == self.num_hidden_layers, "one layer type per layer"
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"{len(self.layer_types)} layer_types for --num_hidden_layers "
+                             f"{self.num_hidden_layers}: one a layer")
         if self.head_dim % 2:  # rotary embeddings turn pairs of dimensions
             raise ValueError(f"--head_dim must be even, not {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("--num_attention_heads must be a multiple of --num_key_value_heads")
 
 
-# Presets: a model and the training settings that suit it. Command-line flags override both.
-PRESETS = {
-    "270m": (GemmaConfig(), {}),
-    "small": (GemmaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6,
-                          head_dim=32, sliding_window=128),  # 25-30 min on 2 bfloat16 CPU cores
-              dict(block_size=256, batch_size=16, total_batch_size=4096, eval_windows=64,
-                   optimizer="muon", muon_lr=0.04, lr=0.128, min_lr_ratio=0.0, warmup_steps=25,
-                   max_steps=1000, eval_interval=125)),
-}
+# Presets (presets.py): a model and the training settings that suit it; flags override both.
+PRESETS = {name: (GemmaConfig(**model), train) for name, (model, train) in presets.PRESETS.items()}
 
 
 # ----- The model's parts, from small to large -----------------------------------------------------
@@ -238,11 +241,14 @@ class Gemma(nn.Module):
             nn.init.zeros_(p) if name.endswith("norm.weight") else nn.init.normal_(p, std=0.02)
 
     def forward(self, idx, targets=None, cache=None, pos=0, last=False):
-        """idx: (B, T) token ids at positions pos .. pos + T - 1 -> logits (B, T, vocab), and the
-        mean cross-entropy with targets (B, T) where given (-100: no target there). last: the
-        logits of the last position only (B, 1, vocab), all a prompt needs."""
-        x = self.embed_tokens(idx)  # scaled by sqrt(640) = 25.3, in x's dtype (25.25 in bfloat16)
-        x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
+        """idx: (B, T) token ids at positions pos .. pos + T - 1 -> (logits (B, T, vocab), the
+        mean cross-entropy with targets (B, T) where given, -100 marking no target). last: the
+        logits of the last position only (B, 1, vocab), all a prompt needs. With targets and
+        SPEEDUPS, the logits are never whole (speedups.linear_cross_entropy): (None, loss)."""
+        # the embedding, scaled by sqrt(width): sqrt(640) = 25.3, rounded to the weights' dtype
+        # first (25.25 in bfloat16) as Google's code and transformers round it, so they agree there
+        scale = torch.tensor(self.config.hidden_size ** 0.5).to(self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(idx) * scale  # (B, T, hidden)
         positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
         c = self.config
         rotations = {"full_attention": rotary_embedding(positions, c.head_dim, c.rope_theta),
@@ -322,9 +328,9 @@ def get_batch(tokens, offsets, block_size, device, start=()):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
     through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM.
     start: ids put in front of each window (a document's start, Gemma's <bos>): no targets there."""
-    data = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
+    ids = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
     n = block_size + 1 - len(start)
-    rows = np.stack([np.concatenate((start, data[o:o + n])) for o in offsets.tolist()])
+    rows = np.stack([np.concatenate((start, ids[o:o + n])) for o in offsets.tolist()])
     rows = rows.astype(np.int64)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy())  # (B, T) each
     y[:, :len(start)] = -100  # -100: no target; the start predicts nothing
@@ -365,9 +371,12 @@ class TrainConfig:
     log_interval: int = 10          # steps between log lines
 
     def check(self):
-        zero_ok = ("seed", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "beta1")
-        for k, v in asdict(self).items():  # a bool is not a number here; NaN and inf fail
-            if type(v) in (int, float) and not (0 < v < 2 ** 64 or v == 0 and k in zero_ok):
+        """Every number positive and below 2^64 (NaN and inf are not), these six 0 too."""
+        may_be_zero = ("seed", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "beta1")
+        for k, v in asdict(self).items():
+            if type(v) not in (int, float):  # strings, and bools (flags, not numbers here)
+                continue
+            if not 0 <= v < 2 ** 64 or v == 0 and k not in may_be_zero:
                 raise UserError(f"--{k} must be positive (and below 2^64), not {v}")
         if self.min_lr_ratio > 1 or max(self.beta1, self.beta2) >= 1:
             raise UserError("--min_lr_ratio must be at most 1, --beta1 and --beta2 below 1")
@@ -386,96 +395,98 @@ def lr_factor(step, c):
 
 
 def make_optimizers(model, c, fused):
-    """AdamW, with weight decay on the weight matrices only. With muon, torch.optim.Muon takes the
-    hidden weight matrices (attention and MLP projections) and AdamW the embedding and norms.
-    A frozen parameter (requires_grad False) has neither gradient nor optimizer state."""
+    """{"adamw": AdamW}, with weight decay on the weight matrices only; with muon, {"muon":
+    torch.optim.Muon for the hidden weight matrices (attention and MLP projections), "adamw": for
+    the embedding and norms}. A frozen parameter (requires_grad False) has neither gradient nor
+    optimizer state."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for n, p in params if p.dim() >= 2 and n.startswith("layers.")]
     embedding = [p for n, p in params if p.dim() >= 2 and not n.startswith("layers.")]
     vectors = [p for n, p in params if p.dim() < 2]
-    adamw = dict(lr=c.lr, betas=(c.beta1, c.beta2), fused=fused)
-    if c.optimizer == "muon":
-        return [torch.optim.Muon(matrices, lr=c.muon_lr, weight_decay=c.weight_decay),
-                torch.optim.AdamW([{"params": embedding, "weight_decay": c.weight_decay},
-                                   {"params": vectors, "weight_decay": 0.0}], **adamw)]
-    return [torch.optim.AdamW([{"params": matrices + embedding, "weight_decay": c.weight_decay},
-                               {"params": vectors, "weight_decay": 0.0}], **adamw)]
+    muon = c.optimizer == "muon"
+    decayed = embedding if muon else matrices + embedding
+    adamw = torch.optim.AdamW([dict(params=decayed, weight_decay=c.weight_decay),
+                               dict(params=vectors, weight_decay=0.0)],
+                              lr=c.lr, betas=(c.beta1, c.beta2), fused=fused)
+    if not muon:
+        return {"adamw": adamw}
+    muon = torch.optim.Muon(matrices, lr=c.muon_lr, weight_decay=c.weight_decay)
+    return {"muon": muon, "adamw": adamw}  # (in this order in a checkpoint)
 
 
 def optimizer_step(model, optimizers, scaler, grad_clip):
     """Unscale, clip, step. In float16 the scaler skips a step with inf or NaN gradients."""
-    for opt in optimizers:
+    for opt in optimizers.values():
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     clip = grad_clip if grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    for opt in optimizers:
+    for opt in optimizers.values():
         scaler.step(opt)
     scaler.update()
-    for opt in optimizers:
+    for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     return norm
 
 
-def train_step(model, batches, scaler, autocast, accum, world):
-    """Forward and backward over `accum` micro-batches: (the loss averaged over every process,
-    whether any process was asked to stop), in one all-reduce, so that all stop at one step."""
-    stats = torch.zeros(2, device=next(model.parameters()).device)  # [loss, stop requests]
+def train_step(model, batches, scaler, autocast, accum, world, nbytes):
+    """Forward and backward over `accum` micro-batches: (the loss averaged over every process, in
+    nats per token and in bits per byte, whether any process was asked to stop), in one
+    all-reduce, so that all stop at one step. Every micro-batch holds as many targets."""
+    stats = torch.zeros(4, device=nbytes.device)  # [loss, targets, their bytes, stop requests]
     for micro, (x, y) in enumerate(batches):
         if world > 1:  # average the gradients across processes once, after the last micro-step
             model.require_backward_grad_sync = micro == accum - 1
         with autocast:
             _, loss = model(x, y)
         scaler.scale(loss / accum).backward()
-        stats[0] += loss.detach() / accum
-    stats[1] = checkpoint.stop_requested()
+        targets = y[y != -100]
+        stats += torch.stack((loss.detach() / accum, targets.new_tensor(len(targets)).float(),
+                              nbytes[targets].sum().float(), torch.zeros((), device=y.device)))
+    stats[3] = checkpoint.stop_requested()
     if world > 1:
         torch.distributed.all_reduce(stats)
-    return stats[0].item() / world, stats[1].item() > 0
-
-
-def bits_per_byte(nats, targets, nbytes):
-    """Summed nats over the targets (-100: none) -> bits per byte of the text they stand for:
-    nats / (ln 2 x its UTF-8 bytes), nbytes[id] a token's bytes (0 for special tokens). Per
-    token, a loss depends on how much text a tokenizer puts in a token; per byte it does not."""
-    return nats / (math.log(2) * max(1, nbytes[targets[targets != -100]].sum().item()))
+    loss, targets, text_bytes, stops = stats.tolist()
+    return loss / world, loss / world * targets / (math.log(2) * text_bytes), stops > 0
 
 
 @torch.no_grad()
 def evaluate(model, batches, nbytes, device):
-    """The loss on fixed windows, batches of (inputs, targets), -100 where there is none: in
+    """The loss on fixed windows, batches of (inputs, targets), -100 where there is none, in
     float32 (autocast off) whatever the dtype a run trains in, so that runs compare. -> (nats per
-    token, bits per byte, perplexity)"""
+    token; bits per byte: the summed nats / (ln 2 x the UTF-8 bytes of the text the targets stand
+    for, nbytes[id] a token's, 0 for special ones), which compares across tokenizers; perplexity)"""
     model.eval()
-    nats, tokens, targets = 0.0, 0, []
+    nats = tokens = text_bytes = 0
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, enabled=False):
-            loss = model(x.to(device), y.to(device))[1]
-        counted = (y != -100).sum().item()
-        nats, tokens = nats + loss.item() * counted, tokens + counted
-        targets.append(y.flatten())
+            loss = model(x, y)[1]
+        targets = y[y != -100]
+        nats, tokens = nats + loss.item() * len(targets), tokens + len(targets)
+        text_bytes += nbytes[targets].sum().item()
     model.train()
-    bits = bits_per_byte(nats, torch.cat(targets), nbytes)
-    return nats / tokens, bits, math.exp(min(nats / tokens, 700))  # e^700 says "diverged"
+    loss = nats / tokens
+    return loss, nats / (math.log(2) * text_bytes), math.exp(min(loss, 700))  # e^700: diverged
 
 
 def train(c, model_config, ckpt=None):
     # 1) processes, device, precision, and how many micro-steps make one optimizer step
-    rank, world, device = checkpoint.start_processes(c.device)  # under torchrun: one per GPU
+    rank, world, device = devices.start_processes(c.device)  # under torchrun: one per GPU
     master = rank == 0  # only rank 0 logs, evaluates and writes checkpoints
-    dtype = checkpoint.pick_dtype(c.dtype, device)  # bfloat16 where it is native (CPUs too)
+    dtype = devices.pick_dtype(c.dtype, device)  # bfloat16 where it is native (CPUs too)
     tokens_per_micro_step = c.batch_size * c.block_size * world
     if c.total_batch_size % tokens_per_micro_step:
         raise UserError(f"--total_batch_size {c.total_batch_size} is not a multiple of batch_size"
                         f" x block_size x processes = {tokens_per_micro_step}: change one of them")
     accum = c.total_batch_size // tokens_per_micro_step  # micro-steps per optimizer step
     # 2) the data, checked once and thoroughly, so that a bad file fails here and not mid-run
-    train_set, val_set, tokenizer = load_data(c, model_config.vocab_size)  # (one dataset's)
-    nbytes = torch.from_numpy(prepare.token_bytes(tokenizer or prepare.gpt2_tokenizer()))
-    val_windows = prepare.validation_windows(val_set, c.block_size, c.eval_windows)
-    val_batches = prepare.batches_of(val_windows, c.batch_size, pad=val_set.meta["eot_token"])
+    train_set, val_set, tokenizer = dataset.load_data(c, model_config.vocab_size)  # (one dataset's)
+    nbytes = torch.from_numpy(token_bytes(tokenizer or gpt2_tokenizer())).to(device)
+    val_windows = dataset.validation_windows(val_set, c.block_size, c.eval_windows)
+    val_batches = dataset.batches_of(val_windows, c.batch_size, pad=val_set.meta["eot_token"])
     # training windows: where stories are framed with a prefix (Gemma's <bos>), each begins with it
     start = val_set.meta["prefix"]
-    starts = prepare.story_starts(train_set, c.block_size) if start and c.windows == "story" else None
+    starts = dataset.story_starts(train_set, c.block_size) if start and c.windows == "story" else None
     # 3) model, optimizers, gradient scaler and batch order; a resumed run restores them all
     torch.manual_seed(c.seed)
     model = Gemma(model_config).to(device)
@@ -518,10 +529,10 @@ def train(c, model_config, ckpt=None):
         evaluated = False
         if step >= c.max_steps:
             break
-        for opt in optimizers:  # the schedule, from each optimizer's peak rate
-            peak = c.muon_lr if isinstance(opt, torch.optim.Muon) else c.lr
+        peaks = dict(adamw=c.lr, muon=c.muon_lr)  # the schedule, from each optimizer's peak
+        for name, opt in optimizers.items():
             for group in opt.param_groups:
-                group["lr"] = peak * lr_factor(step, c)
+                group["lr"] = peaks[name] * lr_factor(step, c)
         # every process draws the same offsets for the whole step and reads its own share, so n
         # processes x k micro-steps see exactly the windows that 1 process x n k micro-steps would
         shape = (world * accum, c.batch_size)
@@ -533,7 +544,7 @@ def train(c, model_config, ckpt=None):
         window_start = start if starts is None else []
         batches = [get_batch(train_set, rows, c.block_size, device, window_start) for rows in offsets]
         t0 = time.time()
-        loss, stop = train_step(train_model, batches, scaler, autocast, accum, world)
+        loss, bpb, stop = train_step(train_model, batches, scaler, autocast, accum, world, nbytes)
         if not math.isfinite(loss) and dtype != torch.float16:  # float16: the scaler skips it
             raise UserError(f"the loss became {loss} at step {step}: training stopped; the "
                             f"checkpoint in {c.out_dir} is intact. Try a lower --lr")
@@ -541,16 +552,15 @@ def train(c, model_config, ckpt=None):
         step += 1
         dt = time.time() - t0  # the step alone: not evaluating, not saving
         if master and (step % c.log_interval == 0 or step == c.max_steps or stop):
-            rates = [o.param_groups[0]["lr"] for o in optimizers[::-1]]  # AdamW's, then Muon's
+            rates = {name: opt.param_groups[0]["lr"] for name, opt in optimizers.items()}
             note = " (compiling)" if compiled and step == first_step + 1 else ""
             tokens_per_s, eta = c.total_batch_size / dt, dt * (c.max_steps - step) / 60
-            bpb = bits_per_byte(loss * sum((y != -100).sum().item() for _, y in batches),
-                                torch.cat([y.flatten().cpu() for _, y in batches]), nbytes)
-            print(f"step {step}/{c.max_steps} | loss {loss:.4f} ({bpb:.3f} bits/byte) | lr "
-                  f"{' '.join(f'{r:.2e}' for r in rates)} | {dt * 1000:.0f} ms{note} | "
-                  f"{tokens_per_s:,.0f} tok/s | ETA {eta:.1f} min", flush=True)
+            lr = " ".join(f"{name} {rate:.2e}" for name, rate in rates.items())
+            print(f"step {step}/{c.max_steps} | loss {loss:.4f} ({bpb:.3f} bits/byte) | lr {lr} | "
+                  f"{dt * 1000:.0f} ms{note} | {tokens_per_s:,.0f} tok/s | ETA {eta:.1f} min",
+                  flush=True)
             checkpoint.log_metrics(metrics, step, c.total_batch_size, train_loss=loss,
-                                   train_bpb=bpb, lr=rates[0], tokens_per_s=tokens_per_s)
+                                   train_bpb=bpb, lr=rates["adamw"], tokens_per_s=tokens_per_s)
         if stop:  # every process at this same step: save, then exit
             state = checkpoint.capture(**run, step=step, evaluated=False,
                                        best_val_loss=best_val_loss) if master else None
@@ -590,8 +600,8 @@ def sample(c):
     if not 0 <= c.temperature < math.inf or c.top_k < 0 or min(c.max_new_tokens, c.num_samples) < 1:
         raise UserError("--temperature (finite), --top_k must be >= 0; --max_new_tokens, "
                         "--num_samples > 0")
-    device = checkpoint.pick_device(c.device)
-    dtype = checkpoint.pick_dtype(c.dtype, device)  # the weights' dtype, for speed
+    device = devices.pick_device(c.device)
+    dtype = devices.pick_dtype(c.dtype, device)  # the weights' dtype, for speed
     model, tokenizer = load_model(c.out_dir, c.init_from)
     model.to(device=device, dtype=dtype).eval()
     ids = tokenizer.encode_ordinary(c.prompt) or [tokenizer.eot_token]  # empty: a new story
@@ -627,17 +637,16 @@ class EvalConfig:
 def evaluate_files(c):
     """The loss on the stories of c.files, in the model's own tokens: each story on its own, from
     the start its tokenizer gives a document (Gemma's <bos>, GPT-2's end-of-text), in windows that
-    each begin with that start (prepare.story_windows)."""
+    each begin with that start (dataset.story_windows)."""
     if not 0 < c.block_size < 2 ** 63 or not 0 < c.batch_size < 2 ** 63:
         raise UserError("--block_size and --batch_size must be positive (and below 2^63)")
-    device = checkpoint.pick_device(c.device)
+    device = devices.pick_device(c.device)
     model, tokenizer = load_model(c.out_dir, c.init_from)
-    documents = prepare.story_documents(c.files, tokenizer)
-    block_size = min(c.block_size, model.config.max_position_embeddings)
-    windows = prepare.story_windows(documents, prepare.document_start(prepare.describe(tokenizer)),
-                                    block_size)
-    batches = prepare.batches_of(windows, c.batch_size, pad=tokenizer.eot_token)
-    nbytes = torch.from_numpy(prepare.token_bytes(tokenizer))
+    documents = dataset.story_documents(c.files, tokenizer)
+    windows = dataset.story_windows(documents, dataset.document_start(describe(tokenizer)),
+                                 min(c.block_size, model.config.max_position_embeddings))
+    batches = dataset.batches_of(windows, c.batch_size, pad=tokenizer.eot_token)
+    nbytes = torch.from_numpy(token_bytes(tokenizer)).to(device)
     loss, bpb, perplexity = evaluate(model.to(device), batches, nbytes, device)
     print(f"loss {loss:.4f} nats/token, {bpb:.4f} bits/byte, perplexity {perplexity:.2f}, "
           f"{len(documents)} stories in {len(windows)} windows")

@@ -26,8 +26,9 @@ from dataclasses import asdict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prepare import (FolderLock, HFTokenizer, UserError, read_json, signals_held, survive_file_size_limits, sync_folder,
-                     why_unwritten, write_json)
+from cli import UserError
+from files import FolderLock, read_json, signals_held, survive_file_size_limits, sync_folder, why_unwritten, write_json
+from tokenizer import HFTokenizer
 
 # GemmaConfig's fields, named as transformers' Gemma3TextConfig names them
 FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

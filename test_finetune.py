@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prepare
+from dataset import load_tokens, story_starts, story_windows, validation_windows
+from tokenizer import HFTokenizer, gpt2_tokenizer, load_tokenizer
 from conftest import (FULL, SLIDING, cli, generated_stories, random_transformers_model,
                       tiny_gemma_tokenizer, tiny_model, write_jsonl)
 from gemma import get_batch
@@ -62,13 +63,13 @@ def test_prepare_frames_each_story_as_the_tokenizer_frames_a_document(gemma_dir,
     meta = json.loads((gemma_data / "meta.json").read_text())
     assert meta["tokenizer"] == str(gemma_dir / "tokenizer.json") and meta["dtype"] == "uint16"
     assert (meta["vocab_size"], meta["prefix"], meta["eot_token"]) == (103, [BOS], EOS)
-    assert meta["fingerprint"] == prepare.HFTokenizer(str(gemma_dir)).fingerprint
+    assert meta["fingerprint"] == HFTokenizer(str(gemma_dir)).fingerprint
     kept = gemma_data / "tokenizer" / "tokenizer.json"  # the copy a run takes with it
     assert kept.read_bytes() == (gemma_dir / "tokenizer.json").read_bytes()
 
 
 def test_a_story_holding_the_text_of_a_special_token_is_encoded_as_text(gemma_dir):
-    tokenizer = prepare.HFTokenizer(str(gemma_dir))
+    tokenizer = HFTokenizer(str(gemma_dir))
     [ids] = tokenizer.encode_documents(["Lily<eos>"])
     assert ids.count(EOS) == 1 and ids[-1] == EOS  # only the framing's own <eos>
 
@@ -100,7 +101,7 @@ def test_ids_above_65535_go_through_uint32_files_into_training_and_sampling(tmp_
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
     ids = np.fromfile(d / "train.bin", np.uint32)
     assert len(ids) == meta["train"]["tokens"] and ids.max() > 65_535 and ids[0] == BOS
-    tokens = prepare.load_tokens(d, "train", 16, 70_000)
+    tokens = load_tokens(d, "train", 16, 70_000)
     x, y = get_batch(tokens, torch.tensor([0, 5]), 16, torch.device("cpu"))
     assert x[0].tolist() == ids[:16].tolist() and y[1].tolist() == ids[6:22].tolist()
     assert x.max() > 65_535  # not wrapped around at 2^16
@@ -122,7 +123,7 @@ def transformers_loss(model, tokens, block_size, windows):
     """The loss transformers gives on train()'s fixed validation windows (each a story's, from its
     <bos>): the summed nats over the count of targets."""
     nats = count = 0
-    for inputs, targets in prepare.validation_windows(tokens, block_size, windows):
+    for inputs, targets in validation_windows(tokens, block_size, windows):
         logits = model(torch.tensor([inputs])).logits[0]
         nats += F.cross_entropy(logits.float(), torch.tensor(targets), reduction="sum").item()
         count += sum(t != -100 for t in targets)
@@ -143,7 +144,7 @@ def test_fine_tune_resume_sample_export_and_transformers_generates_the_same_stor
     losses = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
     original = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
     with torch.no_grad():  # step 0's loss is the checkpoint's own: its weights, loaded exactly
-        start = transformers_loss(original, prepare.load_tokens(gemma_data, "validation", 64, 103),
+        start = transformers_loss(original, load_tokens(gemma_data, "validation", 64, 103),
                                   64, 8)
     assert abs(losses[0] - start) < 1e-4
     assert losses[-1] < losses[0] - 0.5, losses  # and training lowered it
@@ -153,7 +154,7 @@ def test_fine_tune_resume_sample_export_and_transformers_generates_the_same_stor
                 "12", "--dtype", "float32", prompt).stdout
     cli("gemma.py", "export", "--out_dir", out, "--hf_dir", hf_dir)
     ids = AutoTokenizer.from_pretrained(hf_dir)(prompt).input_ids
-    ours = prepare.load_tokenizer(str(out / "tokenizer"))
+    ours = load_tokenizer(str(out / "tokenizer"))
     assert ids == ours.encode_ordinary(prompt) and ids[0] == BOS
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     generated = theirs.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[0].tolist()
@@ -176,7 +177,7 @@ def test_eval_of_stories_longer_than_a_window_goes_on_in_windows_that_begin_with
                                                                             VALIDATION[6:])]
     result = cli("gemma.py", "eval", "--init_from", gemma_dir, "--files", *files, "--block_size",
                  "32").stdout
-    tokenizer = prepare.HFTokenizer(str(gemma_dir))
+    tokenizer = HFTokenizer(str(gemma_dir))
     theirs = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
     nats, count, windows = 0.0, 0, 0
     with torch.no_grad():
@@ -207,7 +208,7 @@ def test_data_from_another_tokenizer_is_refused_in_one_line_naming_both(tmp_path
     assert str(gemma_dir / "tokenizer.json") in result.stderr
     # Gemma-tokenized data for a model exported from a GPT-2 run (no tokenizer.json: GPT-2's BPE)
     import hf
-    hf.export(tiny_model(vocab_size=50257), prepare.gpt2_tokenizer(), str(tmp_path / "gpt2-model"))
+    hf.export(tiny_model(vocab_size=50257), gpt2_tokenizer(), str(tmp_path / "gpt2-model"))
     result = cli("gemma.py", "train", "--init_from", tmp_path / "gpt2-model", "--data_dir",
                  gemma_data, "--out_dir", tmp_path / "b", "--block_size", "32", check=False)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
@@ -239,7 +240,7 @@ def test_the_prompt_pass_computes_logits_for_its_last_position_only():
 def test_story_windows_begin_as_a_document_does_and_predict_every_token_once(block_size):
     start, eot = [BOS], EOS
     documents = [[BOS, *range(10, 10 + n), eot] for n in (0, 1, 3, 7, 20)]
-    windows = prepare.story_windows(documents, start, block_size)
+    windows = story_windows(documents, start, block_size)
     for inputs, targets in windows:
         assert len(inputs) == len(targets) <= block_size and inputs[0] == BOS
         for x, y, nxt in zip(inputs, targets, inputs[1:] + [None]):
@@ -249,18 +250,18 @@ def test_story_windows_begin_as_a_document_does_and_predict_every_token_once(blo
 
 
 def test_validation_windows_of_gpt2_data_are_the_evenly_spread_windows_of_the_file(data_dir):
-    tokens = prepare.load_tokens(data_dir, "validation", 32, 50257)
+    tokens = load_tokens(data_dir, "validation", 32, 50257)
     data = np.fromfile(tokens.path, np.uint16).tolist()
     offsets = torch.linspace(0, tokens.size - 33, 5).long().unique().tolist()  # as they always were
-    assert prepare.validation_windows(tokens, 32, 5) == [(data[o:o + 32], data[o + 1:o + 33])
+    assert validation_windows(tokens, 32, 5) == [(data[o:o + 32], data[o + 1:o + 33])
                                                          for o in offsets]
 
 
 def test_validation_and_training_windows_of_gemma_data_begin_with_bos(gemma_data):
-    tokens = prepare.load_tokens(gemma_data, "validation", 16, 103)
-    windows = prepare.validation_windows(tokens, 16, 1000)
+    tokens = load_tokens(gemma_data, "validation", 16, 103)
+    windows = validation_windows(tokens, 16, 1000)
     assert all(x[0] == BOS for x, _ in windows) and len(windows) > len(VALIDATION)  # all of them
-    starts = prepare.story_starts(tokens, 16)
+    starts = story_starts(tokens, 16)
     data = np.fromfile(tokens.path, np.uint16)
     assert len(starts) > 1 and set(data[starts]) == {BOS}
     x, y = get_batch(tokens, torch.tensor([3, 40]), 16, torch.device("cpu"), start=[BOS])
@@ -273,7 +274,7 @@ def test_eval_scores_each_story_whole_in_nats_and_bits_per_byte(tmp_path, gemma_
     from gemma import Gemma
     file = write_jsonl(tmp_path / "v.jsonl", VALIDATION[:3] + ["Lily é"])  # é: byte fallback
     result = cli("gemma.py", "eval", "--init_from", gemma_dir, "--files", file).stdout
-    model, tokenizer = Gemma.from_pretrained(str(gemma_dir)), prepare.HFTokenizer(str(gemma_dir))
+    model, tokenizer = Gemma.from_pretrained(str(gemma_dir)), HFTokenizer(str(gemma_dir))
     nats = tokens = 0
     with torch.no_grad():
         for ids in tokenizer.encode_documents(VALIDATION[:3] + ["Lily é"]):

@@ -30,7 +30,9 @@ def test_gemma_py_reads_in_one_sitting_at_most_650_lines_none_wider_than_100_col
 
 def test_helper_modules_never_import_gemma_py():
     import ast
-    for name in ("speedups.py", "checkpoint.py", "hf.py", "to_gguf.py", "prepare.py"):
+    helpers = ("speedups.py", "checkpoint.py", "devices.py", "hf.py", "to_gguf.py", "prepare.py",
+               "dataset.py", "tokenizer.py", "files.py", "cli.py", "plot.py", "presets.py")
+    for name in helpers:
         tree = ast.parse(open(os.path.join(os.path.dirname(gemma.__file__), name)).read())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -235,7 +237,7 @@ def test_weight_decay_applies_to_weight_matrices_and_never_to_norms():
     model = tiny_model()
     for optimizer_name in ("adamw", "muon"):
         optimizers = make_optimizers(model, TrainConfig(optimizer=optimizer_name), fused=False)
-        groups = [g for opt in optimizers for g in opt.param_groups]
+        groups = [g for opt in optimizers.values() for g in opt.param_groups]
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
         for g in groups:
             assert all(p.dim() >= 2 for p in g["params"]) == (g["weight_decay"] > 0)
@@ -327,7 +329,7 @@ def test_training_logs_metrics_that_plot_draws_as_a_png(data_dir, tmp_path):
 
 def test_validation_loss_is_computed_in_float32_whatever_the_training_dtype(tmp_path):
     import numpy as np
-    from prepare import TokenFile, batches_of
+    from dataset import TokenFile, batches_of
     np.random.default_rng(0).integers(0, 101, 400, dtype=np.uint16).tofile(tmp_path / "validation.bin")
     meta = dict(prefix=[], eot_token=100)
     tokens = TokenFile(str(tmp_path / "validation.bin"), "uint16", 400, meta)

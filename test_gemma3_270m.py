@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prepare
+from tokenizer import HFTokenizer, gpt2_tokenizer, token_bytes
 from conftest import cli, generated_stories, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def theirs(gemma3_270m):
 
 @pytest.fixture(scope="module")
 def tokenizer(gemma3_270m):
-    return prepare.HFTokenizer(str(gemma3_270m))
+    return HFTokenizer(str(gemma3_270m))
 
 
 def test_logits_equal_transformers_past_1024_tokens_in_float32(gemma3_270m, theirs, tokenizer):
@@ -75,8 +75,8 @@ def test_eval_gives_the_nats_and_bits_per_byte_transformers_gives_each_story_fro
 
 def test_gpt2_and_gemmas_tokenizer_count_the_same_bytes_for_the_same_text(tokenizer):
     text = "Once upon a time,  Zoë saw 東京 and 🙂🚀!\n\nThe end. <|endoftext|> <bos>"
-    for enc in (prepare.gpt2_tokenizer(), tokenizer):
-        nbytes = prepare.token_bytes(enc)
+    for enc in (gpt2_tokenizer(), tokenizer):
+        nbytes = token_bytes(enc)
         ids = (enc.encode_ordinary(text) if enc is tokenizer else enc.encode_ordinary(text))
         counted = [i for i in ids if i not in getattr(enc, "prefix", [])]
         assert sum(nbytes[i] for i in counted) == len(text.encode()), enc

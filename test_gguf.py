@@ -20,7 +20,9 @@ import checkpoint
 import to_gguf
 from conftest import FULL, HERE, SLIDING, cli, generated_stories, tiny_gemma_tokenizer, tiny_model
 from gemma import TrainConfig
-from prepare import HFTokenizer, UserError, gpt2_tokenizer, write_json
+from cli import UserError
+from files import write_json
+from tokenizer import HFTokenizer, gpt2_tokenizer
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play in the park with"
 NEW_TOKENS = 30  # after PROMPT's 21 GPT-2 tokens: 51 positions, more than 12 windows of 4
@@ -185,7 +187,7 @@ def test_export_command_writes_a_q8_0_gguf_alone_that_llama_cpp_runs_with_nearly
 
 def save_run(model, out_dir):
     """A training checkpoint of model in out_dir, as train() writes it."""
-    optimizers = [torch.optim.AdamW(model.parameters())]
+    optimizers = {"adamw": torch.optim.AdamW(model.parameters())}
     configs = dict(model_config=asdict(model.config), train_config=asdict(TrainConfig()))
     state = checkpoint.capture(model, optimizers, torch.amp.GradScaler("cpu", enabled=False),
                                torch.Generator(), torch.device("cpu"), step=0, best_val_loss=math.inf,

@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM,
 
 import checkpoint
 import hf
-from prepare import UserError
+from cli import UserError
 from conftest import FULL, SLIDING, cli, random_transformers_model, tiny_gemma_tokenizer, tiny_model
 from gemma import Gemma, GemmaConfig, TrainConfig
-from prepare import gpt2_tokenizer, load_tokenizer
+from tokenizer import gpt2_tokenizer, load_tokenizer
 
 # Two shapes, so that a parity which holds for one only cannot pass: 4 query heads on 1 key/value head with window 4,
 # and 6 query heads on 2 with window 3 over a length that is no multiple of it. Both are longer than the window, and
@@ -249,7 +249,7 @@ def test_to_transformers_gives_a_gemma3_for_causal_lm_with_the_same_weights_and_
 
 def test_export_checkpoint_writes_the_model_of_a_training_checkpoint(tmp_path):
     model = tiny_model(vocab_size=50257)
-    optimizers = [torch.optim.AdamW(model.parameters())]
+    optimizers = {"adamw": torch.optim.AdamW(model.parameters())}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     configs = dict(model_config=asdict(model.config), train_config=asdict(TrainConfig()))
     state = checkpoint.capture(model, optimizers, scaler, torch.Generator(), torch.device("cpu"), step=0,

@@ -13,7 +13,9 @@ import pyarrow.parquet
 import pytest
 
 from conftest import cli, open_when_read, write_jsonl
-from prepare import gpt2_tokenizer, tokenize_stories
+from cli import UserError
+from prepare import tokenize_stories
+from tokenizer import gpt2_tokenizer
 
 EOT = 50256
 TRAIN_STORIES = [
@@ -264,9 +266,9 @@ def prepare_in_process(tmp_path, data_dir, tokenizer, stories):
 def read_dataset(data_dir):
     """What a training reads of data_dir, checked as a training checks it: (its tokenizer's name,
     train.bin's bytes, validation.bin's bytes); a UserError if it refuses the data."""
-    import prepare
-    meta, _ = prepare.check_tokenizer(str(data_dir), str(data_dir / "no_run"), "", False)
-    files = [prepare.load_tokens(str(data_dir), split, 8, 50257, meta)
+    import dataset
+    meta, _ = dataset.check_tokenizer(str(data_dir), str(data_dir / "no_run"), "", False)
+    files = [dataset.load_tokens(str(data_dir), split, 8, 50257, meta)
              for split in ("train", "validation")]
     return (meta["tokenizer"],) + tuple(open(f.path, "rb").read() for f in files)
 
@@ -284,6 +286,7 @@ FAILURES = ["writing validation.bin", "writing train.bin", "copying the tokenize
 def test_prepare_failing_at_any_stage_leaves_the_old_dataset_the_new_one_or_one_refused(
         tmp_path, monkeypatch, capsys, switch, failure):
     import prepare
+    import tokenizer
     old_tokenizer, new_tokenizer, older_version = SWITCHES[switch]
     own = tiny_tokenizer_dir(tmp_path / "own")
     tokenizers = {"gpt2": "gpt2", "own": own}
@@ -318,7 +321,7 @@ def test_prepare_failing_at_any_stage_leaves_the_old_dataset_the_new_one_or_one_
     monkeypatch.setattr(os, "replace", counted_replace)
     monkeypatch.setattr(prepare, "tokenize_stories", tokenize_then_fail)
     if failure == "copying the tokenizer":
-        monkeypatch.setattr(prepare.HFTokenizer, "save", disk_full)
+        monkeypatch.setattr(tokenizer.HFTokenizer, "save", disk_full)
     if failure == "writing meta.json":
         monkeypatch.setattr(prepare, "dataset_meta", disk_full)
     capsys.readouterr()
@@ -336,7 +339,7 @@ def test_prepare_failing_at_any_stage_leaves_the_old_dataset_the_new_one_or_one_
     monkeypatch.undo()
     try:
         state = read_dataset(data_dir)
-    except prepare.UserError as e:  # refused: never trained on
+    except UserError as e:  # refused: never trained on
         assert "run prepare.py again" in str(e), e
         state = "refused"
     done = renames[:-1] if outcome == "killed" else renames  # the renames that happened
@@ -428,3 +431,59 @@ def test_a_full_disk_while_prepare_writes_leaves_the_old_dataset_and_says_so(tmp
     assert result.stderr.startswith("prepare.py: error: could not write the new dataset in")
     assert "(the disk is full)" in result.stderr and "the previous one there is intact" in result.stderr
     assert dataset_files(data_dir) == old  # nothing left behind either
+
+
+# ----- The excerpt in tinystories/, gzip-compressed files, and a BPE fitted to the stories --------
+
+
+def test_a_gzip_compressed_file_gives_the_same_tokens_as_the_file_itself(tmp_path):
+    import gzip
+    plain = write_jsonl(tmp_path / "train.jsonl", TRAIN_STORIES)
+    with open(plain, "rb") as f, gzip.open(tmp_path / "train.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    bins = [prepare_ok(tmp_path, path, tmp_path / name) / "train.bin"
+            for path, name in ((plain, "plain"), (tmp_path / "train.jsonl.gz", "gz"))]
+    assert bins[0].read_bytes() == bins[1].read_bytes()
+
+
+@pytest.mark.slow
+def test_the_excerpt_prepares_offline_into_its_stories(tmp_path):
+    result = run_prepare("--excerpt", "--data_dir", tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert (meta["train"]["stories"], meta["validation"]["stories"]) == (7398, 133)
+    result = run_prepare("--excerpt", "--train_files", tmp_path / "x.jsonl", "--data_dir", tmp_path)
+    assert result.returncode == 2 and "--excerpt gives the files" in result.stderr
+
+
+MIXED = "Ça coûte 5 €, naïve café 東京 🙂.\n\n  Two  spaces, a tab\tand <|endoftext|> as text."
+
+
+@pytest.mark.slow
+def test_a_bpe_fitted_to_the_stories_frames_them_as_gpt2_does_and_counts_every_byte(tmp_path):
+    from tokenizer import HFTokenizer, token_bytes
+    d = tmp_path / "data"
+    train = write_jsonl(tmp_path / "t.jsonl", TRAIN_STORIES * 20 + [MIXED])
+    result = run_prepare("--train_files", train, "--validation_files",
+                         write_jsonl(tmp_path / "v.jsonl", VALIDATION_STORIES), "--data_dir", d,
+                         "--bpe", "300")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((d / "meta.json").read_text())
+    assert (meta["vocab_size"], meta["prefix"], meta["dtype"]) == (300, [], "uint16")
+    assert meta["tokenizer"] == str(d / "tokenizer" / "tokenizer.json")
+    enc = HFTokenizer(str(d / "tokenizer"))
+    assert enc.fingerprint == meta["fingerprint"] and enc.eot_token == meta["eot_token"]
+    ids = np.fromfile(d / "validation.bin", np.uint16).tolist()
+    stories = [enc.encode_ordinary(s) + [enc.eot_token] for s in VALIDATION_STORIES]
+    assert ids == [i for s in stories for i in s]  # each story, then <|endoftext|>
+    nbytes = token_bytes(enc)  # every token's bytes, a split character's too: none lost
+    for text in (MIXED, *VALIDATION_STORIES):
+        assert sum(nbytes[i] for i in enc.encode_ordinary(text)) == len(text.encode())
+        assert b"".join(enc.decode_single_token_bytes(i) for i in enc.encode_ordinary(text)) == \
+            text.encode()
+    assert nbytes[enc.eot_token] == 0
+    for flags, message in [(["--bpe", "100"], "257 tokens at least"),
+                           (["--bpe", "300", "--tokenizer", d / "tokenizer"], "drop --tokenizer")]:
+        result = run_prepare("--train_files", train, "--validation_files", train, "--data_dir",
+                             tmp_path / "other", *flags)
+        assert result.returncode == 1 and message in result.stderr, result.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import HERE, cli, generated_stories, open_when_read, write_jsonl
-from prepare import gpt2_tokenizer
+from tokenizer import gpt2_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +107,8 @@ def test_resume_may_change_the_step_count_but_refuses_another_architecture_namin
 def test_checkpoints_hold_only_tensors_and_plain_values(data_dir, tmp_path):
     result = train(data_dir, tmp_path, "--max_steps", "1", "--optimizer", "muon", "--dtype",
                    "float16")
-    # both learning rates in the log, AdamW's then Muon's: half of each peak, in a 2-step warm-up
-    assert "| lr 6.40e-02 2.00e-02 |" in result.stdout
+    # both learning rates in the log, each named: half of each peak, in a 2-step warm-up
+    assert "| lr muon 2.00e-02 adamw 6.40e-02 |" in result.stdout
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # refuses anything else
     assert set(ckpt) == {"model", "optimizers", "scaler", "model_config", "train_config", "step",
                          "best_val_loss", "evaluated", "rng"}
@@ -674,7 +674,7 @@ def test_export_without_gpt2_tokenizer_files_ends_in_one_line_and_writes_nothing
                                                                                  monkeypatch):
     import importlib.util
     import hf
-    from prepare import UserError
+    from cli import UserError
     from conftest import tiny_model
     find_spec, tokenizer = importlib.util.find_spec, gpt2_tokenizer()  # built from those files
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -689,7 +689,7 @@ def test_resuming_on_a_machine_with_fewer_gpus_restores_the_generators_it_has(mo
     import checkpoint
     from conftest import tiny_model
     model = tiny_model()
-    optimizers = [torch.optim.AdamW(model.parameters())]
+    optimizers = {"adamw": torch.optim.AdamW(model.parameters())}
     scaler, data_rng = torch.amp.GradScaler("cpu", enabled=False), torch.Generator()
     state = checkpoint.capture(model, optimizers, scaler, data_rng, torch.device("cpu"), step=3,
                                best_val_loss=1.0, evaluated=False, configs={})
@@ -704,9 +704,9 @@ def test_resuming_on_a_machine_with_fewer_gpus_restores_the_generators_it_has(mo
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_is_bfloat16_on_a_cpu_that_multiplies_it_natively(native, monkeypatch):
-    import checkpoint
-    monkeypatch.setattr(checkpoint, "cpu_has_bfloat16", lambda: native)
+    import devices
+    monkeypatch.setattr(devices, "cpu_has_bfloat16", lambda: native)
     cpu = torch.device("cpu")  # for training (autocast) and for sampling (the weights) alike
-    assert checkpoint.pick_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
-    assert checkpoint.pick_dtype("float32", cpu) == torch.float32  # a dtype named is kept
-    assert checkpoint.pick_dtype("bfloat16", cpu) == torch.bfloat16
+    assert devices.pick_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert devices.pick_dtype("float32", cpu) == torch.float32  # a dtype named is kept
+    assert devices.pick_dtype("bfloat16", cpu) == torch.bfloat16

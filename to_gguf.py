@@ -27,7 +27,9 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import QuantError, quantize
 
-from prepare import HFTokenizer, UserError, read_json
+from cli import UserError
+from files import read_json
+from tokenizer import HFTokenizer
 
 # --gguf_type: the type of the weight matrices (norms stay float32, as llama.cpp's converter keeps
 # them), and the file type recorded for tools that show it

@@ -1,0 +1,24 @@
+"""
+presets.py: the recipes of `gemma.py train --preset NAME`: a model's shape (GemmaConfig's fields)
+and the training settings that suit it (TrainConfig's fields). Any flag overrides either.
+
+    python gemma.py train --preset small              # the CPU recipe
+    python gemma.py train --preset small --lr 0.064   # the same, one setting changed
+
+Each recipe says where its figures come from; docs/LOG.md holds the runs behind them. This module
+never imports gemma.py: gemma.py builds its GemmaConfig from these plain settings.
+"""
+
+PRESETS = {
+    # Gemma 3 270M itself (GemmaConfig's defaults), with GPT-2's vocabulary: 132M parameters
+    "270m": ({}, {}),
+    # A few million parameters that two CPU cores train in 25-30 minutes (bfloat16 where the CPU
+    # multiplies it natively): 6 layers (5 sliding, 1 full) of width 128, head size 32, a window of
+    # 128; Muon for the hidden matrices, AdamW for the embedding and norms, decaying to 0. Found
+    # by three passes of a search at a fixed wall-clock (docs/LOG.md, 2026-11).
+    "small": (dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, head_dim=32,
+                   sliding_window=128),
+              dict(block_size=256, batch_size=16, total_batch_size=4096, eval_windows=64,
+                   optimizer="muon", muon_lr=0.04, lr=0.128, min_lr_ratio=0.0, warmup_steps=25,
+                   max_steps=1000, eval_interval=125)),
+}
