@@ -4,7 +4,7 @@ process on the same machine, with the same configuration, batch and dtype.
 
     python bench.py                              # every section: about 10 minutes on 2 CPU cores
     python bench.py --quick                      # fewer repeats and new tokens: under 2 minutes
-    python bench.py --only train,generate        # some sections: train, generate, sliding, decode, loss, prepare
+    python bench.py --only train,generate        # some of: train, generate, sliding, decode, loss, prepare, finetune
     python bench.py --out results.json           # the measured numbers as JSON too, with the command and commit
     python bench.py --compile                    # also gemma.py's training step compiled (minutes on a CPU)
     python bench.py --device cuda --preset 270m --compile --dtype bfloat16,float16   # on a GPU (runs/gpu.sh)
@@ -18,7 +18,9 @@ key/value cache (eager, and compiled), without it, and with transformers' genera
 3. sliding: a sliding layer's forward + backward time as the sequence doubles (and FlexAttention's on a GPU);
 4. decode: generation against the limit the memory bandwidth sets, float32 and bfloat16 weights; 5. loss: the peak
 memory of a training step with Gemma's 262,144-word vocabulary, the chunked loss against the plain one; 6. prepare:
-prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text (tinystories/train.jsonl.gz).
+prepare.py's tokens/s against tiktoken's own multi-threaded encoding of the same text (tinystories/train.jsonl.gz);
+7. finetune: a fine-tuning step of Gemma 3 270M's shape and 262,144-word vocabulary with AdamW, the embedding trained
+and frozen (--freeze_embedding), each in a fresh process: tokens/s and peak memory.
 Timings: warm-up runs, then the median of several, taken in turns (gemma.py, transformers, gemma.py, ...) so that
 other processes on the machine slow both alike. The load average is printed: with other work on a 2-core machine,
 two threads wait on each other at every operation, and `--threads 1` gives steadier figures. The assets the docs
@@ -432,6 +434,62 @@ def bench_loss_memory(device=torch.device("cpu"), dtype="float32", vocab_size=No
 
 
 # -----------------------------------------------------------------------------
+# 7. A fine-tuning step of Gemma 3 270M with its own vocabulary: the embedding trained, and frozen
+
+FINETUNE_SHAPES = {"cpu": (4, 256), "cuda": (8, 1024)}  # batch x tokens of the fine-tuning section
+
+
+def finetune_step(frozen, vocab_size, batch, tokens, device="cpu", dtype="bfloat16", steps=4):
+    """Training steps (forward, backward, AdamW's step) in this process of the 270m shape with a
+    `vocab_size`-word vocabulary (random weights: a step's time does not depend on their values), the
+    embedding, which is also the output layer, frozen or trained: the median seconds a step after the
+    first, and the process's peak memory (on a CPU its peak resident size, weights and all; on CUDA the
+    caching allocator's peak)."""
+    import gemma
+    from dataclasses import replace
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = Gemma(replace(PRESETS["270m"][0], vocab_size=vocab_size)).to(device).train()
+    model.embed_tokens.weight.requires_grad_(not frozen)
+    optimizers = gemma.make_optimizers(model, gemma.TrainConfig(lr=1e-5), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    x, y = torch.randint(0, vocab_size, (2, batch, tokens), device=device)
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        gemma.optimizer_step(model, optimizers, scaler, 1.0)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_bytes("VmHWM")
+    return dict(seconds=statistics.median(times[1:]), peak_memory=peak, loss=loss.item())
+
+
+def bench_finetune(device=torch.device("cpu"), dtype="bfloat16", vocab_size=None, shape=None, steps=4):
+    """A fine-tuning step of Gemma 3 270M's shape and vocabulary (262,144 words), the embedding
+    trained against frozen (--freeze_embedding), each in a fresh process so that each peak is its own:
+    tokens/s and peak memory."""
+    import subprocess
+    vocab_size, (B, T) = vocab_size or LOSS_VOCAB, shape or FINETUNE_SHAPES[device.type]
+    result = dict(vocab_size=vocab_size, batch=B, tokens=T, device=str(device), dtype=dtype)
+    for name, frozen in (("trained", False), ("frozen", True)):
+        code = (f"import bench, json; print(json.dumps(bench.finetune_step({frozen}, {vocab_size}, {B}, "
+                f"{T}, {str(device)!r}, {dtype!r}, {steps})))")
+        done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the {name} step failed: {done.stderr.strip()[-2000:]}")
+        result[name] = json.loads(done.stdout.splitlines()[-1])
+        result[name]["tokens_per_s"] = B * T / result[name]["seconds"]
+    result["speedup"] = result["frozen"]["tokens_per_s"] / result["trained"]["tokens_per_s"]
+    return result
+
+
+# -----------------------------------------------------------------------------
 # 6. prepare.py's tokenizer throughput
 
 
@@ -581,9 +639,17 @@ def report(results):
                ["tiktoken encode_ordinary_batch alone (the ceiling)", f"{r['tiktoken']['tokens_per_s']:,.0f}", "",
                 ""]],
               f"same tokens: {r['same_tokens']}")
+    if "finetune" in results:
+        r = results["finetune"]
+        table([f"a fine-tuning step (forward, backward, AdamW), 270m with {r['vocab_size']:,} words, "
+               f"{r['batch']} x {r['tokens']} tokens, {r['dtype']}, {r['device']}", "tokens/s", "peak memory"],
+              [[label, f"{r[name]['tokens_per_s']:,.0f}", megabytes(r[name]["peak_memory"])]
+               for name, label in (("trained", "the embedding trained"),
+                                   ("frozen", "the embedding frozen (--freeze_embedding)"))],
+              f"frozen / trained: {r['speedup']:.1f} x the tokens/s")
 
 
-SECTIONS = ("train", "generate", "sliding", "decode", "loss", "prepare")
+SECTIONS = ("train", "generate", "sliding", "decode", "loss", "prepare", "finetune")
 
 
 def main(argv=None):
@@ -639,6 +705,9 @@ def main(argv=None):
         results["loss"] = bench_loss_memory(device, dtypes[0])
     if "prepare" in sections:
         results["prepare"] = bench_prepare(args.data, 2 if args.quick else 5)
+    if "finetune" in sections and (device.type == "cuda" or os.path.exists("/proc/self/status")):
+        finetune_dtype = "bfloat16" if devices.pick_dtype("auto", device) == torch.bfloat16 else dtypes[0]
+        results["finetune"] = bench_finetune(device, finetune_dtype, steps=2 if args.quick else 4)
     results["seconds"], results["load_average_after"] = time.time() - t0, os.getloadavg()[0]
     report(results)
     print(f"({results['seconds']:.0f} s)")

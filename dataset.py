@@ -2,7 +2,7 @@
 dataset.py: stories in, windows out. It reads stories from files (JSON lines, parquet, plain text),
 reads the token files prepare.py wrote back, each checked against meta.json, and cuts what the
 model reads at once: training's and validation's windows, each beginning as the model expects, and
-batches of them.
+batches of them. It imports torch only where it needs it: prepare.py reads stories through it.
 
     python gemma.py train --data_dir data       # reads data/train.bin, validation.bin, meta.json
     python gemma.py eval --files stories.jsonl  # each story scored on its own (story_windows)
@@ -287,6 +287,44 @@ def story_documents(paths, tokenizer):
         raise UserError(f"no stories in {' '.join(paths)}: check that it holds non-empty text")
     start, eot = document_start(describe(tokenizer)), tokenizer.eot_token
     return [start + ids + [eot] for ids in tokenizer.encode_ordinary_batch(stories)]
+def get_batch(tokens, offsets, block_size, device, start=()):
+    """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
+    through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM.
+    start: ids put in front of each window (a document's start, Gemma's <bos>): no targets there."""
+    import torch
+    ids = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
+    n = block_size + 1 - len(start)
+    rows = np.stack([np.concatenate((start, ids[o:o + n])) for o in offsets.tolist()])
+    rows = rows.astype(np.int64)
+    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy())  # (B, T) each
+    y[:, :len(start)] = -100  # -100: no target; the start predicts nothing
+    if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
+        x, y = x.pin_memory(), y.pin_memory()
+    cuda = device.type == "cuda"
+    return x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
+
+
+def draw_offsets(tokens, starts, block_size, micro_steps, batch_size, generator):
+    """Where one optimizer step's windows begin, (micro_steps, batch_size): anywhere in the file, or,
+    given starts (story_starts), at a story's start. Every process draws the same offsets for the
+    whole step and reads its own share, so n processes x k micro-steps see exactly the windows
+    that 1 process x n k micro-steps would."""
+    import torch
+    shape = (micro_steps, batch_size)
+    if starts is None:  # GPT-2's data: anywhere, stories run on from one another
+        return torch.randint(tokens.size - block_size, shape, generator=generator)
+    return torch.from_numpy(starts)[torch.randint(len(starts), shape, generator=generator)]
+
+
+def story_batches(paths, tokenizer, block_size, batch_size):
+    """The stories of the files at paths, each on its own from its start (story_documents), in
+    windows that each begin with that start (story_windows), as batches (batches_of). -> (batches,
+    the number of stories, the number of windows)"""
+    documents = story_documents(paths, tokenizer)
+    windows = story_windows(documents, document_start(describe(tokenizer)), block_size)
+    return batches_of(windows, batch_size, pad=tokenizer.eot_token), len(documents), len(windows)
+
+
 def file_documents(tokens):
     """The documents of a token file framed with a prefix (prefix, story, end-of-text each), as
     lists of ids: cut after every end-of-text."""

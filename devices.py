@@ -54,7 +54,7 @@ def start_processes(device_name):
     """(rank, world size, device). Under torchrun, one process per GPU, or per CPU worker with
     the gloo backend; rank 0 alone logs, evaluates and saves."""
     device = pick_device(device_name)
-    if hasattr(signal, "SIGPIPE"):  # Python's way back (prepare.start_command): a closed pipe is
+    if hasattr(signal, "SIGPIPE"):  # Python's way back (cli.start_command): a closed pipe is
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # an error, never a death between processes
     if "RANK" not in os.environ:
         return 0, 1, device
@@ -63,3 +63,12 @@ def start_processes(device_name):
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def parallel(model, device, world):
+    """The model as one of `world` processes trains it: itself alone, else wrapped in
+    DistributedDataParallel, which averages the gradients across the processes."""
+    if world == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -24,10 +24,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from cli import UserError, add_flags, start_command
+from cli import UserError, add_flags, check_numbers, start_command
 if __name__ == "__main__":  # first: torch takes seconds to load, and Ctrl-C then is one line too
     start_command("gemma.py")
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ import hf
 import presets
 import speedups
 import to_gguf
-from tokenizer import describe, gpt2_tokenizer, load_tokenizer, token_bytes
+from tokenizer import gpt2_tokenizer, load_tokenizer, token_bytes
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
@@ -323,23 +322,7 @@ def pick_token(logits, temperature, top_k, generator):
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
-# ----- Training: batches, configuration, optimizers and schedule, then the loop -------------------
-def get_batch(tokens, offsets, block_size, device, start=()):
-    """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
-    through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM.
-    start: ids put in front of each window (a document's start, Gemma's <bos>): no targets there."""
-    ids = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
-    n = block_size + 1 - len(start)
-    rows = np.stack([np.concatenate((start, ids[o:o + n])) for o in offsets.tolist()])
-    rows = rows.astype(np.int64)
-    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy())  # (B, T) each
-    y[:, :len(start)] = -100  # -100: no target; the start predicts nothing
-    if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
-        x, y = x.pin_memory(), y.pin_memory()
-    cuda = device.type == "cuda"
-    return x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
-
-
+# ----- Training: configuration, optimizers and schedule, then the loop (batches: dataset.py) ------
 @dataclass
 class TrainConfig:
     preset: str = "270m"            # model and training defaults: 270m or small
@@ -371,13 +354,8 @@ class TrainConfig:
     log_interval: int = 10          # steps between log lines
 
     def check(self):
-        """Every number positive and below 2^64 (NaN and inf are not), these six 0 too."""
-        may_be_zero = ("seed", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "beta1")
-        for k, v in asdict(self).items():
-            if type(v) not in (int, float):  # strings, and bools (flags, not numbers here)
-                continue
-            if not 0 <= v < 2 ** 64 or v == 0 and k not in may_be_zero:
-                raise UserError(f"--{k} must be positive (and below 2^64), not {v}")
+        check_numbers(self, ("seed", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio",
+                             "beta1"))  # these may be 0; every other number must be positive
         if self.min_lr_ratio > 1 or max(self.beta1, self.beta2) >= 1:
             raise UserError("--min_lr_ratio must be at most 1, --beta1 and --beta2 below 1")
         if self.windows not in ("story", "any"):
@@ -440,8 +418,9 @@ def train_step(model, batches, scaler, autocast, accum, world, nbytes):
             _, loss = model(x, y)
         scaler.scale(loss / accum).backward()
         targets = y[y != -100]
-        stats += torch.stack((loss.detach() / accum, targets.new_tensor(len(targets)).float(),
-                              nbytes[targets].sum().float(), torch.zeros((), device=y.device)))
+        stats[0] += loss.detach() / accum
+        stats[1] += targets.numel()
+        stats[2] += nbytes[targets].sum()
     stats[3] = checkpoint.stop_requested()
     if world > 1:
         torch.distributed.all_reduce(stats)
@@ -486,7 +465,8 @@ def train(c, model_config, ckpt=None):
     val_batches = dataset.batches_of(val_windows, c.batch_size, pad=val_set.meta["eot_token"])
     # training windows: where stories are framed with a prefix (Gemma's <bos>), each begins with it
     start = val_set.meta["prefix"]
-    starts = dataset.story_starts(train_set, c.block_size) if start and c.windows == "story" else None
+    story = start and c.windows == "story"
+    starts = dataset.story_starts(train_set, c.block_size) if story else None
     # 3) model, optimizers, gradient scaler and batch order; a resumed run restores them all
     torch.manual_seed(c.seed)
     model = Gemma(model_config).to(device)
@@ -504,9 +484,7 @@ def train(c, model_config, ckpt=None):
                configs=dict(model_config=asdict(model_config), train_config=asdict(c)))
     compiled = c.compile if c.compile is not None else device.type == "cuda"
     train_model = speedups.CompileOrEager(model) if compiled else model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
+    train_model = devices.parallel(train_model, device, world)  # torchrun: one model a process
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     ckpt_path, metrics = checkpoint.start_run(c, tokenizer, step if ckpt else 0, evaluated, master)
     if master:
@@ -535,14 +513,11 @@ def train(c, model_config, ckpt=None):
                 group["lr"] = peaks[name] * lr_factor(step, c)
         # every process draws the same offsets for the whole step and reads its own share, so n
         # processes x k micro-steps see exactly the windows that 1 process x n k micro-steps would
-        shape = (world * accum, c.batch_size)
-        if starts is None:  # anywhere (with the start put first where windows == "any")
-            offsets = torch.randint(train_set.size - c.block_size, shape, generator=data_rng)
-        else:  # at a story's start
-            offsets = torch.from_numpy(starts)[torch.randint(len(starts), shape, generator=data_rng)]
-        offsets = offsets[rank * accum:(rank + 1) * accum]
+        offsets = dataset.draw_offsets(train_set, starts, c.block_size, world * accum, c.batch_size,
+                                       data_rng)[rank * accum:(rank + 1) * accum]
         window_start = start if starts is None else []
-        batches = [get_batch(train_set, rows, c.block_size, device, window_start) for rows in offsets]
+        batches = [dataset.get_batch(train_set, rows, c.block_size, device, window_start)
+                   for rows in offsets]
         t0 = time.time()
         loss, bpb, stop = train_step(train_model, batches, scaler, autocast, accum, world, nbytes)
         if not math.isfinite(loss) and dtype != torch.float16:  # float16: the scaler skips it
@@ -597,9 +572,7 @@ def load_model(out_dir, init_from=""):
 
 
 def sample(c):
-    if not 0 <= c.temperature < math.inf or c.top_k < 0 or min(c.max_new_tokens, c.num_samples) < 1:
-        raise UserError("--temperature (finite), --top_k must be >= 0; --max_new_tokens, "
-                        "--num_samples > 0")
+    check_numbers(c, may_be_zero=("temperature", "top_k", "seed"))
     device = devices.pick_device(c.device)
     dtype = devices.pick_dtype(c.dtype, device)  # the weights' dtype, for speed
     model, tokenizer = load_model(c.out_dir, c.init_from)
@@ -638,18 +611,15 @@ def evaluate_files(c):
     """The loss on the stories of c.files, in the model's own tokens: each story on its own, from
     the start its tokenizer gives a document (Gemma's <bos>, GPT-2's end-of-text), in windows that
     each begin with that start (dataset.story_windows)."""
-    if not 0 < c.block_size < 2 ** 63 or not 0 < c.batch_size < 2 ** 63:
-        raise UserError("--block_size and --batch_size must be positive (and below 2^63)")
+    check_numbers(c)
     device = devices.pick_device(c.device)
     model, tokenizer = load_model(c.out_dir, c.init_from)
-    documents = dataset.story_documents(c.files, tokenizer)
-    windows = dataset.story_windows(documents, dataset.document_start(describe(tokenizer)),
-                                 min(c.block_size, model.config.max_position_embeddings))
-    batches = dataset.batches_of(windows, c.batch_size, pad=tokenizer.eot_token)
+    block_size = min(c.block_size, model.config.max_position_embeddings)
+    batches, stories, windows = dataset.story_batches(c.files, tokenizer, block_size, c.batch_size)
     nbytes = torch.from_numpy(token_bytes(tokenizer)).to(device)
     loss, bpb, perplexity = evaluate(model.to(device), batches, nbytes, device)
     print(f"loss {loss:.4f} nats/token, {bpb:.4f} bits/byte, perplexity {perplexity:.2f}, "
-          f"{len(documents)} stories in {len(windows)} windows")
+          f"{stories} stories in {windows} windows")
 
 
 # ----- Command line: each option is a dataclass field; its comment is its --help ------------------

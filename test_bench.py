@@ -126,6 +126,21 @@ def test_loss_section_runs_both_paths_in_fresh_processes_and_reports_consistent_
     assert r["plain"]["peak_memory"] >= r["logits_bytes"]  # the plain path holds the logits at least once
 
 
+@pytest.mark.slow
+def test_finetune_section_times_the_embedding_trained_and_frozen_in_fresh_processes(monkeypatch,
+                                                                                   tmp_path):
+    monkeypatch.setattr(bench, "LOSS_VOCAB", 4096)  # 270m's shape, a vocabulary 64 times smaller
+    monkeypatch.setitem(bench.FINETUNE_SHAPES, "cpu", (1, 16))
+    out = tmp_path / "results.json"
+    bench.main(["--only", "finetune", "--quick", "--device", "cpu", "--out", str(out)])
+    r = json.loads(out.read_text())["finetune"]
+    assert (r["vocab_size"], r["batch"], r["tokens"]) == (4096, 1, 16)
+    for name in ("trained", "frozen"):
+        assert r[name]["tokens_per_s"] == pytest.approx(16 / r[name]["seconds"])
+        assert r[name]["peak_memory"] > 4 * 100e6  # at least the float32 weights of the blocks
+    assert r["speedup"] == pytest.approx(r["frozen"]["tokens_per_s"] / r["trained"]["tokens_per_s"])
+
+
 def test_every_table_has_as_many_cells_in_each_row_as_in_its_header(capsys):
     bench.table(["what", "seconds", "ratio", "target"], [["a", "1.0", "", ">= 2 MISS"], ["b", "2.0", "2.0 x", ""]],
                 "a note")

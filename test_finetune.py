@@ -17,7 +17,7 @@ from dataset import load_tokens, story_starts, story_windows, validation_windows
 from tokenizer import HFTokenizer, gpt2_tokenizer, load_tokenizer
 from conftest import (FULL, SLIDING, cli, generated_stories, random_transformers_model,
                       tiny_gemma_tokenizer, tiny_model, write_jsonl)
-from gemma import get_batch
+from dataset import get_batch
 
 SETTINGS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=1, head_dim=8, sliding_window=4, query_pre_attn_scalar=32,

@@ -329,12 +329,12 @@ def test_training_logs_metrics_that_plot_draws_as_a_png(data_dir, tmp_path):
 
 def test_validation_loss_is_computed_in_float32_whatever_the_training_dtype(tmp_path):
     import numpy as np
-    from dataset import TokenFile, batches_of
+    from dataset import TokenFile, batches_of, get_batch
     np.random.default_rng(0).integers(0, 101, 400, dtype=np.uint16).tofile(tmp_path / "validation.bin")
     meta = dict(prefix=[], eot_token=100)
     tokens = TokenFile(str(tmp_path / "validation.bin"), "uint16", 400, meta)
     model, offsets, cpu = tiny_model(), torch.tensor([0, 50, 100, 150]), torch.device("cpu")
-    x, y = gemma.get_batch(tokens, offsets, 32, cpu)
+    x, y = get_batch(tokens, offsets, 32, cpu)
     batches, nbytes = batches_of(list(zip(x.tolist(), y.tolist())), 2, pad=100), torch.ones(101)
     loss = gemma.evaluate(model, batches, nbytes, cpu)[0]
     with torch.no_grad():
