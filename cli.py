@@ -61,13 +61,13 @@ def add_flags(parser, cls, skip=()):
         parser.add_argument(f"--{f.name}", help=help, **how)
 
 
-def check_numbers(config, may_be_zero=()):
+def check_numbers(config, may_be_zero=(), error=UserError):
     """Every number among a dataclass's flags positive and below 2^63 (NaN and inf are not), those
-    named in may_be_zero 0 too: else a UserError naming the flag. A bool is a yes or a no here."""
+    named in may_be_zero 0 too: else `error` naming the flag. A bool is a yes or a no here."""
     for f in fields(config):
         value = getattr(config, f.name)
         if type(value) not in (int, float):  # strings, tuples, and bools
             continue
         if not 0 <= value < 2 ** 63 or value == 0 and f.name not in may_be_zero:
             least = "at least 0" if f.name in may_be_zero else "positive"
-            raise UserError(f"--{f.name} must be {least} and below 2^63, not {value}")
+            raise error(f"--{f.name} must be {least} and below 2^63, not {value}")

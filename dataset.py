@@ -19,7 +19,7 @@ import numpy as np
 
 from cli import UserError
 from files import read_json
-from tokenizer import EOT_TEXT, HFTokenizer, describe, gpt2_tokenizer, load_tokenizer
+from tokenizer import EOT_TEXT, HFTokenizer, describe, gpt2_tokenizer, load_tokenizer, token_bytes
 
 
 # ----- Reading stories. Every reader streams, so memory does not grow with the corpus. ------------
@@ -214,15 +214,33 @@ def load_tokens(data_dir, split, block_size, vocab_size, meta=None):
     return TokenFile(path, dtype.name, n, meta, f)
 
 
-def load_data(c, vocab_size):
+class RunData(NamedTuple):
+    """What a training run reads, checked once (load_data)."""
+    train: TokenFile  # train.bin, read a batch at a time
+    validation: list  # the fixed validation windows, in batches of (inputs, targets)
+    starts: object    # where train.bin's windows may begin (story_starts), or None: anywhere
+    start: list       # the ids put in front of every training window ("any"), else []
+    nbytes: object    # each token id's bytes of text, a tensor on the run's device
+    tokenizer: object    # the data's own tokenizer, for the run to keep; None for GPT-2's
+
+
+def load_data(c, vocab_size, device):
     """A training's data (c: its TrainConfig), checked once and thoroughly: the tokenizer (see
     check_tokenizer), then train.bin and validation.bin, both against one reading of meta.json, so
-    that they are one dataset's. -> (train TokenFile, validation TokenFile, the data's own
-    tokenizer for the run to keep, None for GPT-2's)."""
+    that they are one dataset's. Where its stories are framed with a start (Gemma's <bos>), every
+    window begins with it, as in the model's own training: at a story's start (c.windows "story"),
+    or anywhere with the start put in front ("any"). GPT-2's data keeps its windows anywhere."""
+    import torch
     meta, tokenizer = check_tokenizer(c.data_dir, c.out_dir, c.init_from, c.resume)
     train, validation = (load_tokens(c.data_dir, split, c.block_size, vocab_size, meta)
                          for split in ("train", "validation"))
-    return train, validation, tokenizer
+    windows = validation_windows(validation, c.block_size, c.eval_windows)
+    batches = batches_of(windows, c.batch_size, pad=meta["eot_token"])
+    story = meta["prefix"] and c.windows == "story"
+    starts = story_starts(train, c.block_size) if story else None
+    start = meta["prefix"] if c.windows == "any" else []
+    nbytes = torch.from_numpy(token_bytes(tokenizer or gpt2_tokenizer())).to(device)
+    return RunData(train, batches, starts, start, nbytes, tokenizer)
 
 
 def check_tokenizer(data_dir, out_dir, init_from, resume):
@@ -314,6 +332,18 @@ def draw_offsets(tokens, starts, block_size, micro_steps, batch_size, generator)
     if starts is None:  # GPT-2's data: anywhere, stories run on from one another
         return torch.randint(tokens.size - block_size, shape, generator=generator)
     return torch.from_numpy(starts)[torch.randint(len(starts), shape, generator=generator)]
+
+
+def fit_context(ids, new, context):
+    """A prompt's ids and the number of new tokens to generate after it, fitted to the model's
+    context: the new tokens take at most half of it when the prompt is long, the prompt loses its
+    start if it must, and a note on stderr says so. -> (ids, new)"""
+    fitted = min(new, context - min(len(ids), context // 2))
+    if fitted < new or len(ids) + fitted > context:  # fewer new tokens, or less prompt
+        print(f"note: the model's context is {context} tokens: {fitted} new tokens after the "
+              f"prompt's last {min(len(ids), context - fitted)}", file=sys.stderr)
+        ids = ids[-(context - fitted):]
+    return ids, fitted
 
 
 def story_batches(paths, tokenizer, block_size, batch_size):

@@ -72,3 +72,9 @@ def parallel(model, device, world):
         return model
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def stop_processes(world):
+    """The end of a torchrun launch: every process leaves its group together."""
+    if world > 1:
+        torch.distributed.destroy_process_group()

@@ -12,9 +12,8 @@ gemma.py: Gemma 3 270M from scratch, trained on TinyStories, in one readable fil
     torchrun --nproc_per_node=8 gemma.py train  # several GPUs (DistributedDataParallel)
 
 Read top to bottom, in the order data flows. Each part is its plain definition; speedups.py gives
-the same numbers sooner where SPEEDUPS is read (attention and the loss); checkpoint.py keeps a
-run's state; hf.py moves weights to and from Hugging Face, the reference for every number;
-to_gguf.py writes them for llama.cpp.
+the same numbers sooner where SPEEDUPS is read (attention, the loss). Plumbing lives in modules
+named for it: dataset.py (windows, batches), checkpoint.py, hf.py, to_gguf.py, devices.py, cli.py.
 """
 import argparse
 import codecs
@@ -38,7 +37,7 @@ import hf
 import presets
 import speedups
 import to_gguf
-from tokenizer import gpt2_tokenizer, load_tokenizer, token_bytes
+from tokenizer import load_tokenizer, token_bytes
 
 SPEEDUPS = True  # False: every step runs the plain definitions in this file (slower, same numbers)
 
@@ -70,9 +69,7 @@ class GemmaConfig:
     max_position_embeddings: int = 32768    # longest sequence generation may reach
 
     def __post_init__(self):  # a model that cannot be made is a ValueError, in flags' words
-        for name, value in asdict(self).items():
-            if isinstance(value, (int, float)) and not value > 0:
-                raise ValueError(f"--{name} must be positive, not {value}")
+        check_numbers(self, error=ValueError)  # every number positive
         if self.layer_types is None:
             self.layer_types = layer_pattern(self.num_hidden_layers, self.sliding_window_pattern)
         self.layer_types = tuple(self.layer_types)
@@ -397,13 +394,12 @@ def optimizer_step(model, optimizers, scaler, grad_clip):
     for opt in optimizers.values():
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     clip = grad_clip if grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     for opt in optimizers.values():
         scaler.step(opt)
     scaler.update()
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
-    return norm
 
 
 def train_step(model, batches, scaler, autocast, accum, world, nbytes):
@@ -429,13 +425,13 @@ def train_step(model, batches, scaler, autocast, accum, world, nbytes):
 
 
 @torch.no_grad()
-def evaluate(model, batches, nbytes, device):
+def evaluate(model, batches, nbytes):
     """The loss on fixed windows, batches of (inputs, targets), -100 where there is none, in
     float32 (autocast off) whatever the dtype a run trains in, so that runs compare. -> (nats per
     token; bits per byte: the summed nats / (ln 2 x the UTF-8 bytes of the text the targets stand
     for, nbytes[id] a token's, 0 for special ones), which compares across tokenizers; perplexity)"""
     model.eval()
-    nats = tokens = text_bytes = 0
+    nats, tokens, text_bytes, device = 0, 0, 0, nbytes.device  # nbytes: on the model's device
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, enabled=False):
@@ -458,15 +454,9 @@ def train(c, model_config, ckpt=None):
         raise UserError(f"--total_batch_size {c.total_batch_size} is not a multiple of batch_size"
                         f" x block_size x processes = {tokens_per_micro_step}: change one of them")
     accum = c.total_batch_size // tokens_per_micro_step  # micro-steps per optimizer step
-    # 2) the data, checked once and thoroughly, so that a bad file fails here and not mid-run
-    train_set, val_set, tokenizer = dataset.load_data(c, model_config.vocab_size)  # (one dataset's)
-    nbytes = torch.from_numpy(token_bytes(tokenizer or gpt2_tokenizer())).to(device)
-    val_windows = dataset.validation_windows(val_set, c.block_size, c.eval_windows)
-    val_batches = dataset.batches_of(val_windows, c.batch_size, pad=val_set.meta["eot_token"])
-    # training windows: where stories are framed with a prefix (Gemma's <bos>), each begins with it
-    start = val_set.meta["prefix"]
-    story = start and c.windows == "story"
-    starts = dataset.story_starts(train_set, c.block_size) if story else None
+    # 2) the data, checked once and thoroughly, so that a bad file fails here and not mid-run: the
+    # token files, the fixed validation windows, where training windows begin, each token's bytes
+    data = dataset.load_data(c, model_config.vocab_size, device)
     # 3) model, optimizers, gradient scaler and batch order; a resumed run restores them all
     torch.manual_seed(c.seed)
     model = Gemma(model_config).to(device)
@@ -486,7 +476,7 @@ def train(c, model_config, ckpt=None):
     train_model = speedups.CompileOrEager(model) if compiled else model
     train_model = devices.parallel(train_model, device, world)  # torchrun: one model a process
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    ckpt_path, metrics = checkpoint.start_run(c, tokenizer, step if ckpt else 0, evaluated, master)
+    ckpt_path, metrics = checkpoint.start_run(c, data.tokenizer, step, evaluated, master)
     if master:
         print(f"{sum(p.numel() for p in model.parameters()):,} parameters | {device} "
               f"{str(dtype)[6:]} | {world} process(es) x {accum} micro-steps x {c.batch_size} x "
@@ -496,7 +486,7 @@ def train(c, model_config, ckpt=None):
     # 4) the loop: evaluate and save on schedule, then one optimizer step of `accum` micro-steps
     while True:
         if master and (step % c.eval_interval == 0 or step == c.max_steps) and not evaluated:
-            val_loss, val_bpb, perplexity = evaluate(model, val_batches, nbytes, device)
+            val_loss, val_bpb, perplexity = evaluate(model, data.validation, data.nbytes)
             best_val_loss = min(best_val_loss, val_loss)
             print(f"step {step}: validation loss {val_loss:.4f} ({val_bpb:.4f} bits/byte, "
                   f"perplexity {perplexity:.2f}), best {best_val_loss:.4f}; checkpoint {ckpt_path}")
@@ -511,15 +501,14 @@ def train(c, model_config, ckpt=None):
         for name, opt in optimizers.items():
             for group in opt.param_groups:
                 group["lr"] = peaks[name] * lr_factor(step, c)
-        # every process draws the same offsets for the whole step and reads its own share, so n
-        # processes x k micro-steps see exactly the windows that 1 process x n k micro-steps would
-        offsets = dataset.draw_offsets(train_set, starts, c.block_size, world * accum, c.batch_size,
-                                       data_rng)[rank * accum:(rank + 1) * accum]
-        window_start = start if starts is None else []
-        batches = [dataset.get_batch(train_set, rows, c.block_size, device, window_start)
+        # the step's windows, this process's share of them (see dataset.draw_offsets)
+        offsets = dataset.draw_offsets(data.train, data.starts, c.block_size, world * accum,
+                                       c.batch_size, data_rng)[rank * accum:(rank + 1) * accum]
+        batches = [dataset.get_batch(data.train, rows, c.block_size, device, data.start)
                    for rows in offsets]
         t0 = time.time()
-        loss, bpb, stop = train_step(train_model, batches, scaler, autocast, accum, world, nbytes)
+        loss, bpb, stop = train_step(train_model, batches, scaler, autocast, accum, world,
+                                     data.nbytes)
         if not math.isfinite(loss) and dtype != torch.float16:  # float16: the scaler skips it
             raise UserError(f"the loss became {loss} at step {step}: training stopped; the "
                             f"checkpoint in {c.out_dir} is intact. Try a lower --lr")
@@ -527,21 +516,20 @@ def train(c, model_config, ckpt=None):
         step += 1
         dt = time.time() - t0  # the step alone: not evaluating, not saving
         if master and (step % c.log_interval == 0 or step == c.max_steps or stop):
-            rates = {name: opt.param_groups[0]["lr"] for name, opt in optimizers.items()}
             note = " (compiling)" if compiled and step == first_step + 1 else ""
             tokens_per_s, eta = c.total_batch_size / dt, dt * (c.max_steps - step) / 60
-            lr = " ".join(f"{name} {rate:.2e}" for name, rate in rates.items())
+            lr = " ".join(f"{name} {o.param_groups[0]['lr']:.2e}" for name, o in optimizers.items())
             print(f"step {step}/{c.max_steps} | loss {loss:.4f} ({bpb:.3f} bits/byte) | lr {lr} | "
                   f"{dt * 1000:.0f} ms{note} | {tokens_per_s:,.0f} tok/s | ETA {eta:.1f} min",
                   flush=True)
             checkpoint.log_metrics(metrics, step, c.total_batch_size, train_loss=loss,
-                                   train_bpb=bpb, lr=rates["adamw"], tokens_per_s=tokens_per_s)
+                                   train_bpb=bpb, lr=optimizers["adamw"].param_groups[0]["lr"],
+                                   tokens_per_s=tokens_per_s)
         if stop:  # every process at this same step: save, then exit
             state = checkpoint.capture(**run, step=step, evaluated=False,
                                        best_val_loss=best_val_loss) if master else None
             checkpoint.save_and_exit(ckpt_path, state, world)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    devices.stop_processes(world)
 
 
 # ----- Sampling, and measuring a model on text ---------------------------------------------------
@@ -578,12 +566,7 @@ def sample(c):
     model, tokenizer = load_model(c.out_dir, c.init_from)
     model.to(device=device, dtype=dtype).eval()
     ids = tokenizer.encode_ordinary(c.prompt) or [tokenizer.eot_token]  # empty: a new story
-    context = model.config.max_position_embeddings  # prompt and new tokens must fit in it
-    new = min(c.max_new_tokens, context - min(len(ids), context // 2))
-    if new < c.max_new_tokens or len(ids) + new > context:  # fewer new tokens, or less prompt
-        print(f"note: the model's context is {context} tokens: {new} new tokens after the "
-              f"prompt's last {min(len(ids), context - new)}", file=sys.stderr)
-        ids = ids[-(context - new):]
+    ids, new = dataset.fit_context(ids, c.max_new_tokens, model.config.max_position_embeddings)
     eot = tokenizer.eot_token if c.stop_at_eot else None
     for i in range(c.num_samples):
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character: 1+ tokens
@@ -608,16 +591,15 @@ class EvalConfig:
 
 
 def evaluate_files(c):
-    """The loss on the stories of c.files, in the model's own tokens: each story on its own, from
-    the start its tokenizer gives a document (Gemma's <bos>, GPT-2's end-of-text), in windows that
-    each begin with that start (dataset.story_windows)."""
+    """The loss on the stories of c.files in the model's own tokens, each on its own from its start
+    (Gemma's <bos>, GPT-2's end-of-text), in windows that each begin with it (dataset.py)."""
     check_numbers(c)
     device = devices.pick_device(c.device)
     model, tokenizer = load_model(c.out_dir, c.init_from)
     block_size = min(c.block_size, model.config.max_position_embeddings)
     batches, stories, windows = dataset.story_batches(c.files, tokenizer, block_size, c.batch_size)
     nbytes = torch.from_numpy(token_bytes(tokenizer)).to(device)
-    loss, bpb, perplexity = evaluate(model.to(device), batches, nbytes, device)
+    loss, bpb, perplexity = evaluate(model.to(device), batches, nbytes)
     print(f"loss {loss:.4f} nats/token, {bpb:.4f} bits/byte, perplexity {perplexity:.2f}, "
           f"{stories} stories in {windows} windows")
 

@@ -336,9 +336,9 @@ def test_validation_loss_is_computed_in_float32_whatever_the_training_dtype(tmp_
     model, offsets, cpu = tiny_model(), torch.tensor([0, 50, 100, 150]), torch.device("cpu")
     x, y = get_batch(tokens, offsets, 32, cpu)
     batches, nbytes = batches_of(list(zip(x.tolist(), y.tolist())), 2, pad=100), torch.ones(101)
-    loss = gemma.evaluate(model, batches, nbytes, cpu)[0]
+    loss = gemma.evaluate(model, batches, nbytes)[0]
     with torch.no_grad():
         assert abs(loss - model(x, y)[1].item()) < 1e-6  # the mean over the windows, in float32
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as a bfloat16 run trains
             assert abs(model(x, y)[1].item() - loss) > 1e-5  # the negative control: another loss
-            assert gemma.evaluate(model, batches, nbytes, cpu)[0] == loss
+            assert gemma.evaluate(model, batches, nbytes)[0] == loss

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The 5-minute probes behind runs/finetune.sh's settings: Google's Gemma 3 270M fine-tuned on the
-# TinyStories excerpt with a frozen or trained embedding, three learning rates, windows at a story's
+# TinyStories excerpt with a frozen or trained embedding, four learning rates, windows at a story's
 # <bos> or anywhere after one, and batches of 1,024 or 2,048 tokens. Each probe's steps fill about 5
 # minutes on 2 CPU cores (AMD EPYC, AVX512-BF16: 5.6 s a step of 1,024 tokens with the embedding
 # frozen, 20 s with it trained); then every story of validation.jsonl is scored from its <bos>.
@@ -30,5 +30,8 @@ probe frozen-lr1e-4 --freeze_embedding --total_batch_size 1024 --lr 1e-4 --max_s
 probe frozen-lr3e-4 --freeze_embedding --total_batch_size 1024 --lr 3e-4 --max_steps 50
 probe frozen-lr3e-5 --freeze_embedding --total_batch_size 1024 --lr 3e-5 --max_steps 50
 probe trained-lr1e-4 --total_batch_size 1024 --lr 1e-4 --max_steps 15
-probe frozen-any-lr1e-4 --freeze_embedding --windows any --total_batch_size 1024 --lr 1e-4 --max_steps 50
-probe frozen-b2048-lr2e-4 --freeze_embedding --total_batch_size 2048 --lr 2e-4 --max_steps 25
+# then, around the best rate so far (3e-5)
+probe frozen-lr1e-5 --freeze_embedding --total_batch_size 1024 --lr 1e-5 --max_steps 50
+probe trained-lr3e-5 --total_batch_size 1024 --lr 3e-5 --max_steps 15
+probe frozen-any-lr3e-5 --freeze_embedding --windows any --total_batch_size 1024 --lr 3e-5 --max_steps 50
+probe frozen-b2048-lr3e-5 --freeze_embedding --total_batch_size 2048 --lr 3e-5 --max_steps 25
