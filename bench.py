@@ -660,7 +660,7 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the measured numbers to this JSON file")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (CUDA, then MPS, then the "
                         "CPU) (default: cpu)")
-    parser.add_argument("--preset", choices=list(PRESETS), help="train and generate with this preset only, and slide "
+    parser.add_argument("--preset", choices=[name for name, (model, _) in PRESETS.items() if model], help="train and generate with this preset only, and slide "
                         "with it (default: train and generate with both; slide with 270m)")
     parser.add_argument("--dtype", help="comma-separated training dtypes (autocast): float32, bfloat16, float16 "
                         "(default: float32 on a CPU; bfloat16,float16 on a GPU); generation uses the first")

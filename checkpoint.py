@@ -129,12 +129,15 @@ def run_configs(args, GemmaConfig, TrainConfig, presets):
         model_config = GemmaConfig(**ckpt["model_config"])
         c = TrainConfig(**ckpt["train_config"])
         if args.get("preset", c.preset) != c.preset:  # another preset's model: refused in train()
-            model_config = presets[args["preset"]][0]
+            model_config = presets[args["preset"]][0] or model_config  # (None: a checkpoint's)
     else:
         model_config, defaults = presets[args.get("preset", "270m")]
         c = replace(TrainConfig(), **defaults)
     c = replace(c, **args)
     c.check()
+    if model_config is None and not c.init_from:  # a preset of settings for fine-tuning
+        raise UserError(f"--preset {c.preset} continues a checkpoint's training: give --init_from "
+                        "(a download of google/gemma-3-270m, say)")
     if c.init_from and ckpt is None:  # the checkpoint's model, whose weights have their shapes
         try:
             model_config = GemmaConfig(**hf.pretrained_settings(c.init_from))

@@ -219,7 +219,6 @@ class RunData(NamedTuple):
     train: TokenFile  # train.bin, read a batch at a time
     validation: list  # the fixed validation windows, in batches of (inputs, targets)
     starts: object    # where train.bin's windows may begin (story_starts), or None: anywhere
-    start: list       # the ids put in front of every training window ("any"), else []
     nbytes: object    # each token id's bytes of text, a tensor on the run's device
     tokenizer: object    # the data's own tokenizer, for the run to keep; None for GPT-2's
 
@@ -228,19 +227,17 @@ def load_data(c, vocab_size, device):
     """A training's data (c: its TrainConfig), checked once and thoroughly: the tokenizer (see
     check_tokenizer), then train.bin and validation.bin, both against one reading of meta.json, so
     that they are one dataset's. Where its stories are framed with a start (Gemma's <bos>), every
-    window begins with it, as in the model's own training: at a story's start (c.windows "story"),
-    or anywhere with the start put in front ("any"). GPT-2's data keeps its windows anywhere."""
+    window begins with it at a story's start, as in the model's own training. GPT-2's data keeps its
+    windows anywhere: its stories run on from one another."""
     import torch
     meta, tokenizer = check_tokenizer(c.data_dir, c.out_dir, c.init_from, c.resume)
     train, validation = (load_tokens(c.data_dir, split, c.block_size, vocab_size, meta)
                          for split in ("train", "validation"))
     windows = validation_windows(validation, c.block_size, c.eval_windows)
     batches = batches_of(windows, c.batch_size, pad=meta["eot_token"])
-    story = meta["prefix"] and c.windows == "story"
-    starts = story_starts(train, c.block_size) if story else None
-    start = meta["prefix"] if c.windows == "any" else []
+    starts = story_starts(train, c.block_size) if meta["prefix"] else None
     nbytes = torch.from_numpy(token_bytes(tokenizer or gpt2_tokenizer())).to(device)
-    return RunData(train, batches, starts, start, nbytes, tokenizer)
+    return RunData(train, batches, starts, nbytes, tokenizer)
 
 
 def check_tokenizer(data_dir, out_dir, init_from, resume):
@@ -305,17 +302,15 @@ def story_documents(paths, tokenizer):
         raise UserError(f"no stories in {' '.join(paths)}: check that it holds non-empty text")
     start, eot = document_start(describe(tokenizer)), tokenizer.eot_token
     return [start + ids + [eot] for ids in tokenizer.encode_ordinary_batch(stories)]
-def get_batch(tokens, offsets, block_size, device, start=()):
+
+
+def get_batch(tokens, offsets, block_size, device):
     """Inputs and targets (the inputs shifted by one) of the windows starting at `offsets`, read
-    through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM.
-    start: ids put in front of each window (a document's start, Gemma's <bos>): no targets there."""
+    through a memory map of prepare.py's file (a TokenFile), so the corpus never sits in RAM."""
     import torch
     ids = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
-    n = block_size + 1 - len(start)
-    rows = np.stack([np.concatenate((start, ids[o:o + n])) for o in offsets.tolist()])
-    rows = rows.astype(np.int64)
+    rows = np.stack([ids[o:o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy())  # (B, T) each
-    y[:, :len(start)] = -100  # -100: no target; the start predicts nothing
     if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
         x, y = x.pin_memory(), y.pin_memory()
     cuda = device.type == "cuda"

@@ -82,8 +82,9 @@ class GemmaConfig:
             raise ValueError("--num_attention_heads must be a multiple of --num_key_value_heads")
 
 
-# Presets (presets.py): a model and the training settings that suit it; flags override both.
-PRESETS = {name: (GemmaConfig(**model), train) for name, (model, train) in presets.PRESETS.items()}
+# Presets (presets.py): a model (None: --init_from's) and the training settings that suit it
+PRESETS = {name: (None if model is None else GemmaConfig(**model), train)
+           for name, (model, train) in presets.PRESETS.items()}
 
 
 # ----- The model's parts, from small to large -----------------------------------------------------
@@ -322,7 +323,7 @@ def pick_token(logits, temperature, top_k, generator):
 # ----- Training: configuration, optimizers and schedule, then the loop (batches: dataset.py) ------
 @dataclass
 class TrainConfig:
-    preset: str = "270m"            # model and training defaults: 270m or small
+    preset: str = "270m"            # a recipe of presets.py: model and training defaults
     data_dir: str = "data"          # where prepare.py wrote train.bin and validation.bin
     init_from: str = ""             # start from a Hugging Face Gemma 3 (google/gemma-3-270m)
     out_dir: str = "out"            # checkpoints and metrics.jsonl go here
@@ -345,7 +346,6 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0          # clip the global gradient norm (after unscaling); 0: never
     freeze_embedding: bool = False  # keep the (tied) embedding: Gemma's 168M, its steps 4x sooner
-    windows: str = "story"          # data framed with <bos>: windows start at a story, or "any"
     eval_interval: int = 250        # evaluate and checkpoint every this many steps
     eval_windows: int = 128         # fixed validation windows, the same every run
     log_interval: int = 10          # steps between log lines
@@ -355,8 +355,6 @@ class TrainConfig:
                              "beta1"))  # these may be 0; every other number must be positive
         if self.min_lr_ratio > 1 or max(self.beta1, self.beta2) >= 1:
             raise UserError("--min_lr_ratio must be at most 1, --beta1 and --beta2 below 1")
-        if self.windows not in ("story", "any"):
-            raise UserError(f"--windows must be story or any, not {self.windows}")
         if self.optimizer not in ("adamw", "muon"):
             raise UserError(f"--optimizer must be adamw or muon, not {self.optimizer}")
 
@@ -504,7 +502,7 @@ def train(c, model_config, ckpt=None):
         # the step's windows, this process's share of them (see dataset.draw_offsets)
         offsets = dataset.draw_offsets(data.train, data.starts, c.block_size, world * accum,
                                        c.batch_size, data_rng)[rank * accum:(rank + 1) * accum]
-        batches = [dataset.get_batch(data.train, rows, c.block_size, device, data.start)
+        batches = [dataset.get_batch(data.train, rows, c.block_size, device)
                    for rows in offsets]
         t0 = time.time()
         loss, bpb, stop = train_step(train_model, batches, scaler, autocast, accum, world,

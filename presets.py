@@ -21,4 +21,12 @@ PRESETS = {
               dict(block_size=256, batch_size=16, total_batch_size=4096, eval_windows=64,
                    optimizer="muon", muon_lr=0.04, lr=0.128, min_lr_ratio=0.0, warmup_steps=25,
                    max_steps=1000, eval_interval=125)),
+    # No model of its own (None): settings for fine-tuning a checkpoint given by --init_from, such
+    # as Google's Gemma 3 270M, for 30 minutes on two CPU cores. The embedding (168M of 268M
+    # parameters, and the output layer too) stays frozen: a step is 4-5x sooner and the stories
+    # scored better at every rate tried; 3e-5 was the best of 1e-5 to 3e-4; windows begin at a
+    # story's <bos> (runs/finetune_search.sh, docs/LOG.md, 2026-11-30).
+    "finetune": (None, dict(block_size=256, batch_size=4, total_batch_size=1024, lr=3e-5,
+                            warmup_steps=10, max_steps=300, freeze_embedding=True,
+                            eval_interval=300, eval_windows=16, log_interval=10)),
 }

@@ -264,9 +264,9 @@ def test_validation_and_training_windows_of_gemma_data_begin_with_bos(gemma_data
     starts = story_starts(tokens, 16)
     data = np.fromfile(tokens.path, np.uint16)
     assert len(starts) > 1 and set(data[starts]) == {BOS}
-    x, y = get_batch(tokens, torch.tensor([3, 40]), 16, torch.device("cpu"), start=[BOS])
-    assert x[:, 0].tolist() == [BOS, BOS] and x[0, 1:].tolist() == data[3:18].tolist()
-    assert y[:, 0].tolist() == [-100, -100] and y[0, 1:].tolist() == data[4:19].tolist()
+    x, y = get_batch(tokens, torch.from_numpy(starts[:2]), 16, torch.device("cpu"))
+    assert x[:, 0].tolist() == [BOS, BOS] and x[1].tolist() == data[starts[1]:starts[1] + 16].tolist()
+    assert y[1].tolist() == data[starts[1] + 1:starts[1] + 17].tolist()
 
 
 def test_eval_scores_each_story_whole_in_nats_and_bits_per_byte(tmp_path, gemma_dir):

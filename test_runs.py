@@ -473,6 +473,8 @@ BAD_TRAINING = {  # case: (what to do to data/ and out/, the flags, what the one
     "beta1 of 1": (None, ["--beta1", "1"], "--beta1 and --beta2 below 1"),
     "batch not dividing": (None, ["--total_batch_size", "1000"], "is not a multiple"),
     "unknown preset": (None, ["--preset", "huge"], "--preset must be one of"),
+    "fine-tuning preset with no checkpoint": (None, ["--preset", "finetune"],
+                                              "--preset finetune continues a checkpoint's"),
     "unknown optimizer": (None, ["--optimizer", "sgd"], "--optimizer must be adamw or muon"),
     "unknown dtype": (None, ["--dtype", "float8"], "--dtype must be"),
     "sliding window 0": (None, ["--sliding_window", "0"], "--sliding_window must be positive"),
