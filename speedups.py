@@ -185,7 +185,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     A chunk is 2^24 float32 values (64 MB, 64 rows of 262,144 words) on a CPU: the weight's
     gradient is read and written once a chunk, so that much smaller chunks cost time. On a GPU a
     chunk is 2^27 values (512 rows of 262,144 words), for the matrix multiplies' sake: the same
-    reasoning, not measured (no GPU was lent)."""
+    reasoning, not yet measured on a GPU."""
 
     @staticmethod
     def forward(ctx, x, weight, targets):  # x: (N, hidden), weight: (vocab, hidden), targets: (N,)
