@@ -28,6 +28,18 @@ def test_gemma_py_reads_in_one_sitting_at_most_650_lines_none_wider_than_100_col
     assert wide == [], f"lines wider than 100 columns: {wide}"
 
 
+def test_every_preset_is_a_valid_model_and_valid_settings():
+    """A preset's settings make a TrainConfig that passes its checks (its model, a GemmaConfig, was
+    checked as gemma.py built PRESETS); a model's vocabulary is GPT-2's or a smaller BPE fitted to
+    the stories; the fine-tuning preset has no model of its own (None: --init_from's)."""
+    from dataclasses import replace
+    for name, (model, settings) in gemma.PRESETS.items():
+        replace(TrainConfig(), preset=name, **settings).check()
+        if model is not None:
+            assert model.vocab_size <= 50_257, name
+    assert gemma.PRESETS["finetune"][0] is None and gemma.PRESETS["finetune"][1]["freeze_embedding"]
+
+
 def test_helper_modules_never_import_gemma_py():
     import ast
     helpers = ("speedups.py", "checkpoint.py", "devices.py", "hf.py", "to_gguf.py", "prepare.py",
