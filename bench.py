@@ -411,23 +411,28 @@ def step_memory(chunked, vocab_size, batch, tokens, device="cpu", dtype="float32
     return dict(peak_memory=peak - before, loss=loss.item(), seconds=seconds)
 
 
+def in_fresh_process(name, function, *args):
+    """bench.function(*args) run in a new Python process, so that its peak memory is its own and nothing an
+    earlier measurement left in memory counts: the dict it returns. args: plain values (their repr is code)."""
+    import subprocess
+    code = f"import bench, json; print(json.dumps(bench.{function}({', '.join(map(repr, args))})))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {name} step failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def bench_loss_memory(device=torch.device("cpu"), dtype="float32", vocab_size=None, shape=None, layers=2):
     """The peak memory of one training step with Gemma's 262,144-word vocabulary, the chunked loss
     (speedups.linear_cross_entropy) against the plain path's F.cross_entropy (gemma.SPEEDUPS = False, so attention
     is the plain one too, a few MB), side by side: the same weights and batch, each in a fresh process, so that
     nothing one leaves in memory counts for the other (see step_memory)."""
-    import subprocess
     vocab_size, (B, T) = vocab_size or LOSS_VOCAB, shape or LOSS_SHAPES[device.type]
     result = dict(vocab_size=vocab_size, batch=B, tokens=T, layers=layers, device=str(device), dtype=dtype,
                   logits_bytes=B * T * vocab_size * 4)  # one float32 copy of the batch's logits
     for name, chunked in (("plain", False), ("chunked", True)):
-        code = (f"import bench, json; print(json.dumps(bench.step_memory({chunked}, {vocab_size}, {B}, {T}, "
-                f"{str(device)!r}, {dtype!r}, {layers})))")
-        done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the {name} step failed: {done.stderr.strip()[-2000:]}")
-        result[name] = json.loads(done.stdout.splitlines()[-1])
+        result[name] = in_fresh_process(name, "step_memory", chunked, vocab_size, B, T, str(device), dtype, layers)
     result["ratio"] = result["plain"]["peak_memory"] / result["chunked"]["peak_memory"]
     result["loss_difference"] = abs(result["plain"]["loss"] - result["chunked"]["loss"])
     return result
@@ -473,17 +478,10 @@ def bench_finetune(device=torch.device("cpu"), dtype="bfloat16", vocab_size=None
     """A fine-tuning step of Gemma 3 270M's shape and vocabulary (262,144 words), the embedding
     trained against frozen (--freeze_embedding), each in a fresh process so that each peak is its own:
     tokens/s and peak memory."""
-    import subprocess
     vocab_size, (B, T) = vocab_size or LOSS_VOCAB, shape or FINETUNE_SHAPES[device.type]
     result = dict(vocab_size=vocab_size, batch=B, tokens=T, device=str(device), dtype=dtype)
     for name, frozen in (("trained", False), ("frozen", True)):
-        code = (f"import bench, json; print(json.dumps(bench.finetune_step({frozen}, {vocab_size}, {B}, "
-                f"{T}, {str(device)!r}, {dtype!r}, {steps})))")
-        done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the {name} step failed: {done.stderr.strip()[-2000:]}")
-        result[name] = json.loads(done.stdout.splitlines()[-1])
+        result[name] = in_fresh_process(name, "finetune_step", frozen, vocab_size, B, T, str(device), dtype, steps)
         result[name]["tokens_per_s"] = B * T / result[name]["seconds"]
     result["speedup"] = result["frozen"]["tokens_per_s"] / result["trained"]["tokens_per_s"]
     return result

@@ -311,9 +311,9 @@ def get_batch(tokens, offsets, block_size, device):
     ids = tokens.tokens()  # the file checked at the start, even if prepare.py replaced it since
     rows = np.stack([ids[o:o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy())  # (B, T) each
-    if device.type == "cuda":  # pinned memory: the copy to the GPU overlaps with the work
-        x, y = x.pin_memory(), y.pin_memory()
     cuda = device.type == "cuda"
+    if cuda:  # pinned memory: the copy to the GPU overlaps with the work
+        x, y = x.pin_memory(), y.pin_memory()
     return x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
 
 
