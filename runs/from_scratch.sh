@@ -7,7 +7,7 @@
 # FLAGS make a variant of it).
 #   bash runs/from_scratch.sh                       # --preset small, seeds 1 and 2
 #   PRESET=tiny SEEDS=1 bash runs/from_scratch.sh   # --preset tiny, one seed
-#   PRESET=tiny FLAGS="--hidden_size 256" NAME=tiny-w256 bash runs/from_scratch.sh  # a variant
+#   PRESET=tiny FLAGS="--weight_decay 0.4" NAME=tiny-wd0.4 bash runs/from_scratch.sh  # a variant
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${PRESET:-small}
