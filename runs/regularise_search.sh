@@ -9,30 +9,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DECAYS=${DECAYS:-0.1 0.4 1.0}
+steps=467  # a third of --preset tiny's 1,400
 full=data/excerpt-bpe4096
 third=data/excerpt-third-bpe4096
 python prepare.py --excerpt --bpe 4096 --data_dir "$full"
 stories=$third-stories.jsonl  # every third story of the two training files
-python - "$stories" <<'EOF'
-import gzip, sys
-lines = []
-for name in ("train.jsonl.gz", "train-extra.jsonl.gz"):
-    with gzip.open(f"tinystories/{name}", "rt") as f:
-        lines += f.read().splitlines()
-with open(sys.argv[1], "w") as f:
-    f.write("\n".join(lines[::3]) + "\n")
-EOF
+zcat tinystories/train.jsonl.gz tinystories/train-extra.jsonl.gz | awk 'NR % 3 == 1' > "$stories"
 python prepare.py --train_files "$stories" --validation_files tinystories/validation.jsonl.gz \
     --tokenizer "$full/tokenizer/tokenizer.json" --data_dir "$third"
 for wd in $DECAYS; do
     out=out-runs/regularise-wd$wd
     rm -rf "$out"
     start=$(date +%s)
-    python gemma.py train --preset tiny --weight_decay "$wd" --max_steps 467 --eval_interval 117 \
-        --data_dir "$third" --seed 1 --out_dir "$out"
+    python gemma.py train --preset tiny --weight_decay "$wd" --max_steps "$steps" \
+        --eval_interval 117 --data_dir "$third" --seed 1 --out_dir "$out"
     seconds=$(( $(date +%s) - start ))
     python gemma.py eval --out_dir "$out" --files tinystories/validation.jsonl.gz | tee "$out/eval.txt"
     python tools/record.py assets/regularise_search.json --command "bash runs/regularise_search.sh" \
-        --run "wd$wd" --set "flags=--preset tiny --weight_decay $wd --max_steps 467 --seed 1" \
+        --run "wd$wd" --set "flags=--preset tiny --weight_decay $wd --max_steps $steps --seed 1" \
         --set "seconds=$seconds" --metrics "$out/metrics.jsonl" --eval "validation=$out/eval.txt"
 done
