@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=10
 declare -A RECIPE=(
-    [wd0.1]="--weight_decay 0.1"  # the preset as it is
+    [tiny]=""  # the preset as it is
     [wd0.4]="--weight_decay 0.4"
     [wd1.0]="--weight_decay 1.0"
     [ff512]="--intermediate_size 512"
@@ -24,9 +24,9 @@ declare -A RECIPE=(
     [batch8k]="--total_batch_size 8192"
     [muon0.02]="--muon_lr 0.02"
     [muon0.08]="--muon_lr 0.08"
-    [adamw]="--optimizer adamw --lr 0.004"
+    [adamw]="--optimizer adamw --lr 0.01"
 )
-ORDER=${RECIPES:-wd0.1 wd0.4 wd1.0 ff512 scale64 block512 head32 muon0.02 muon0.08 batch8k window64 \
+ORDER=${RECIPES:-tiny wd0.4 wd1.0 ff512 scale64 block512 head32 muon0.02 muon0.08 batch8k window64 \
     ff2048 adamw}
 full=data/excerpt-bpe4096
 third=data/excerpt-third-bpe4096
