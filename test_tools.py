@@ -34,6 +34,23 @@ def test_record_keeps_the_figures_of_eval_the_command_commit_machine_and_the_oth
         record.main([str(path), "--command", "x", "--eval", f"a={tmp_path / 'empty.txt'}"])
 
 
+def test_record_calls_a_change_of_code_uncommitted_but_not_a_change_of_its_own_file(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "train.py").write_text("steps = 1\n")
+    result = tmp_path / "assets" / "search.json"
+    result.write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "first")
+    assert record.commit(result, tmp_path)["uncommitted_changes"] is False
+    result.write_text('{"runs": {"first": {}}}\n')  # the search's first run, recorded
+    assert record.commit(result, tmp_path)["uncommitted_changes"] is False
+    (tmp_path / "train.py").write_text("steps = 2\n")  # the code the next run runs
+    assert record.commit(result, tmp_path)["uncommitted_changes"] is True
+
+
 @pytest.mark.slow
 def test_record_reads_what_gemma_py_eval_prints(tmp_path, data_dir):
     out = tmp_path / "out"

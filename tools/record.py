@@ -26,11 +26,14 @@ EVAL_LINE = re.compile(r"loss (?P<loss>[\d.]+) nats/token, (?P<bpb>[\d.]+) bits/
                        r"(?P<perplexity>[\d.]+), (?P<stories>\d+) stories in (?P<windows>\d+) windows")
 
 
-def commit():
-    """The repository's commit, and whether the tree differs from it (a run of uncommitted code)."""
+def commit(written=None, repo=HERE):
+    """The repository's commit, and whether the tree differs from it (a run of uncommitted code).
+    The file the record goes to is not code: a search's earlier runs change it, the run does not."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout
-    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout
+    own = os.path.relpath(os.path.abspath(written), repo) if written else None
+    status = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    changed = [line for line in status if line[3:] != own]  # "XY path"
     return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_changes": bool(changed)}
 
 
@@ -93,7 +96,7 @@ def main(argv=None):
     parser.add_argument("--text", action="append", metavar="NAME=FILE", help="a text file")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="a value")
     args = parser.parse_args(argv)
-    run = {**commit(), "date": datetime.date.today().isoformat(), "machine": machine()}
+    run = {**commit(args.path), "date": datetime.date.today().isoformat(), "machine": machine()}
     for name, value in pairs(args.set):
         try:
             run[name] = json.loads(value)
