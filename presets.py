@@ -29,6 +29,8 @@ PRESETS = {
     # bits per byte and width 128 (2,500 steps) 0.877; a second seed scored 0.849. A weight decay
     # of 0.4 instead of 0.1 narrowed the gap between training and validation loss but scored
     # 0.864 and 0.860 (runs/regularise_search.sh, runs/from_scratch.sh; docs/LOG.md, 2026-11-30).
+    # Head size, feed-forward width, window, block, batch, rates and AdamW alone did no better in a
+    # 10-minute copy of its regime (runs/regularise_search.sh; docs/LOG.md, 2026-12-01).
     "tiny": (dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
                   head_dim=64, sliding_window=128),
              dict(block_size=256, batch_size=16, total_batch_size=4096, eval_windows=64,
