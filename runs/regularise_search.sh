@@ -7,7 +7,7 @@
 # minutes, so a slower shape trains fewer steps. Each scored on every story of validation.jsonl in
 # bits per byte -> assets/regularise_search.json.
 #   bash runs/regularise_search.sh
-#   RECIPES="wd0.1 ff512" bash runs/regularise_search.sh
+#   RECIPES="tiny ff512" bash runs/regularise_search.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=10
